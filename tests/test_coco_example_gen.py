@@ -1,0 +1,390 @@
+"""CocoExampleGen: exact round trip on real COCO files, and every bad-input case reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from components.coco_example_gen.coco_reader import read_coco_json, resolve_image_path
+from schemas import features
+from tests.example_gen_utils import feature_values, read_examples, read_report, run_example_gen
+
+# --------------------------------------------------------------------------------------------
+# Real COCO: every mask, count, area, crowd flag and category id survives exactly.
+
+
+@pytest.fixture(scope="module")
+def coco_tiny_examples(coco_tiny_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("coco_tiny_eg"))
+    artifact = run_example_gen(
+        coco_tiny_dir,
+        out,
+        split_files={
+            "train": "annotations/instances_train2017.json",
+            "eval": "annotations/instances_val2017.json",
+        },
+    )
+    return coco_tiny_dir, artifact
+
+
+@pytest.mark.parametrize("split,json_name", [("train", "train2017"), ("eval", "val2017")])
+def test_coco_tiny_round_trip_is_exact(coco_tiny_examples, split, json_name):
+    coco_dir, artifact = coco_tiny_examples
+    coco = COCO(os.path.join(coco_dir, "annotations", f"instances_{json_name}.json"))
+    examples = read_examples(artifact.uri, split)
+    assert len(examples) == len(coco.getImgIds())
+    with open(os.path.join(artifact.uri, features.CATEGORY_MAP_FILENAME)) as f:
+        category_map = json.load(f)["categories"]
+    coco_id_by_index = {c["index"]: c["coco_id"] for c in category_map}
+    assert sorted(coco_id_by_index.values()) == sorted(coco.getCatIds())
+
+    seen_annotations = 0
+    for example in examples:
+        image_id = feature_values(example, features.IMAGE_ID)[0]
+        info = coco.imgs[image_id]
+        height = feature_values(example, features.IMAGE_HEIGHT)[0]
+        width = feature_values(example, features.IMAGE_WIDTH)[0]
+        assert (height, width) == (info["height"], info["width"])
+        assert feature_values(example, features.IMAGE_FILENAME)[0].decode() == info["file_name"]
+        # RGB JPEGs are stored byte for byte.
+        with open(os.path.join(coco_dir, json_name, info["file_name"]), "rb") as f:
+            assert feature_values(example, features.IMAGE_ENCODED)[0] == f.read()
+
+        anns = {a["id"]: a for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))}
+        ann_ids = feature_values(example, features.OBJECT_ANNOTATION_ID)
+        assert sorted(ann_ids) == sorted(anns)
+        rles = feature_values(example, features.OBJECT_MASK_RLE)
+        classes = feature_values(example, features.OBJECT_CLASS)
+        category_ids = feature_values(example, features.OBJECT_CATEGORY_ID)
+        areas = feature_values(example, features.OBJECT_AREA)
+        crowd = feature_values(example, features.OBJECT_IS_CROWD)
+        xmin = feature_values(example, features.OBJECT_XMIN)
+        ymax = feature_values(example, features.OBJECT_YMAX)
+        for i, ann_id in enumerate(ann_ids):
+            ann = anns[ann_id]
+            decoded = mask_utils.decode({"size": [height, width], "counts": rles[i]})
+            np.testing.assert_array_equal(decoded, coco.annToMask(ann))
+            assert category_ids[i] == ann["category_id"]
+            assert coco_id_by_index[classes[i]] == ann["category_id"]
+            assert areas[i] == pytest.approx(ann["area"], rel=1e-6)  # float32 storage.
+            assert crowd[i] == ann["iscrowd"]
+            assert xmin[i] == pytest.approx(max(0.0, ann["bbox"][0]), abs=1e-3)
+            assert ymax[i] == pytest.approx(min(height, ann["bbox"][1] + ann["bbox"][3]), abs=1e-3)
+            seen_annotations += 1
+    assert seen_annotations == len(coco.getAnnIds())
+
+
+def test_coco_tiny_report_adds_up(coco_tiny_examples):
+    _, artifact = coco_tiny_examples
+    report = read_report(artifact.uri)
+    assert report["images"] == {"in": 160, "written": 160, "rejected": 0}
+    assert report["annotations"] == {"in": 1520, "written": 1520, "rejected": 0}
+    assert report["output_splits"] == {
+        "eval": {"images": 80, "annotations": 815},
+        "train": {"images": 80, "annotations": 705},
+    }
+    props = artifact.mlmd_artifact.custom_properties
+    assert props["images_written"].int_value == 160
+    assert props["annotations_in"].int_value == 1520
+    assert props["num_classes"].int_value == 80
+
+
+def test_hash_split_of_one_file(coco_tiny_dir, tmp_path):
+    artifact = run_example_gen(
+        coco_tiny_dir,
+        str(tmp_path),
+        single_file="annotations/instances_val2017.json",
+        image_dirs={"all": "val2017"},
+        hash_buckets={"train": 3, "eval": 1},
+    )
+    train = read_examples(artifact.uri, "train")
+    evaluation = read_examples(artifact.uri, "eval")
+    assert len(train) + len(evaluation) == 80
+    assert 0 < len(evaluation) < len(train)
+    train_ids = {feature_values(e, features.IMAGE_ID)[0] for e in train}
+    eval_ids = {feature_values(e, features.IMAGE_ID)[0] for e in evaluation}
+    assert not train_ids & eval_ids
+    report = read_report(artifact.uri)
+    assert report["output_splits"]["eval"]["images"] == len(evaluation)
+    assert report["images"] == {"in": 80, "written": 80, "rejected": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a clear error, nothing lost.
+
+
+def _jpeg(width, height, mode="RGB", color=(200, 30, 30)) -> bytes:
+    out = io.BytesIO()
+    fill = color if mode == "RGB" else (color[0] if mode == "L" else (*color, 0))
+    Image.new(mode, (width, height), fill).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _truncated_jpeg(width, height) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(noise).save(out, format="JPEG")
+    return out.getvalue()[: len(out.getvalue()) // 2]
+
+
+def _png(width, height, mode="RGBA") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (width, height), 0 if mode == "L" else (10, 200, 30, 255)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
+    data = bytearray(_png(1, 1, mode="L"))
+    ihdr = 8 + 8  # Signature, then chunk length + type.
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def _box_polygon(x, y, w, h):
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tmp_path_factory):
+    """A COCO dataset with one image or annotation for each failure mode, plus good ones."""
+    root = tmp_path_factory.mktemp("bad_coco")
+    images_dir = root / "images"
+    images_dir.mkdir()
+    outside = root / "outside.jpg"
+    outside.write_bytes(_jpeg(40, 30))
+    files = {
+        "good.jpg": _jpeg(40, 30),
+        "good2.jpg": _jpeg(40, 30, color=(0, 0, 250)),
+        "gray.jpg": _jpeg(40, 30, mode="L"),
+        "cmyk.jpg": _jpeg(40, 30, mode="CMYK"),
+        "rgba.png": _png(40, 30),
+        "corrupt.jpg": b"\xff\xd8\xff\xe0 definitely not a jpeg",
+        "truncated.jpg": _truncated_jpeg(400, 300),
+        "wrong_size.jpg": _jpeg(41, 30),
+        "bomb.png": _png_bomb(100_000, 100_000),
+    }
+    for name, data in files.items():
+        (images_dir / name).write_bytes(data)
+    os.symlink(outside, images_dir / "link_out.jpg")
+
+    names = [
+        "good.jpg",
+        "good2.jpg",
+        "gray.jpg",
+        "cmyk.jpg",
+        "rgba.png",
+        "missing.jpg",
+        "corrupt.jpg",
+        "truncated.jpg",
+        "wrong_size.jpg",
+        "bomb.png",
+        "../outside.jpg",
+        str(outside),
+        "link_out.jpg",
+    ]
+    images = [
+        {
+            "id": i + 1,
+            "file_name": n,
+            "width": 400 if n == "truncated.jpg" else 40,
+            "height": 300 if n == "truncated.jpg" else 30,
+        }
+        for i, n in enumerate(names)
+    ]
+    images[9]["width"] = images[9]["height"] = 100_000
+    images.append({"id": 1, "file_name": "good2.jpg", "width": 40, "height": 30})  # Duplicate id.
+    cats = [{"id": 5, "name": "a"}, {"id": 9, "name": "b"}]
+    anns = []
+
+    def add(image_id, category_id=5, segmentation=None, bbox=(2, 2, 10, 10), **extra):
+        ann_id = extra.pop("ann_id", len(anns) + 1)
+        anns.append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": category_id,
+                "segmentation": segmentation if segmentation is not None else _box_polygon(*bbox),
+                "area": 100.0,
+                "bbox": list(bbox),
+                "iscrowd": 0,
+                **extra,
+            }
+        )
+
+    add(1)  # 1: good.
+    add(1, category_id=9, bbox=(20, 5, 15, 20))  # 2: good.
+    add(1, category_id=42)  # 3: unknown category.
+    add(777)  # 4: unknown image.
+    add(1, segmentation=[[1, 1, 5, 5]])  # 5: two points.
+    add(1, bbox=(3, 3, 0, 5))  # 6: zero-area box.
+    add(1, bbox=(50, 40, 10, 10))  # 7: out-of-image box.
+    add(1, ann_id=1)  # 8: duplicate annotation id.
+    add(2, segmentation={"counts": [0, 30, 1170], "size": [30, 40]}, iscrowd=1)  # 9: crowd RLE.
+    for image_id in range(3, 14):  # One good annotation on each remaining image.
+        add(image_id)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_all.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
+    return str(root), images, anns
+
+
+@pytest.fixture(scope="module")
+def bad_run(bad_dataset, tmp_path_factory):
+    root, images, anns = bad_dataset
+    out = str(tmp_path_factory.mktemp("bad_out"))
+    artifact = run_example_gen(
+        root,
+        out,
+        split_files={"train": "annotations/instances_all.json"},
+        image_dirs={"train": "images"},
+        max_reject_fraction=1.0,
+        max_pixels=1_000_000,
+    )
+    return artifact, images, anns
+
+
+def test_every_bad_image_is_reported_with_its_reason(bad_run):
+    artifact, _, _ = bad_run
+    report = read_report(artifact.uri)
+    reasons = {(r["image_id"], r["reason"]) for r in report["rejected_images"]}
+    assert reasons == {
+        (6, "missing_file"),
+        (7, "corrupt_image"),
+        (8, "corrupt_image"),
+        (9, "size_mismatch"),
+        (10, "too_many_pixels"),
+        (11, "unsafe_file_name"),
+        (12, "unsafe_file_name"),
+        (13, "unsafe_file_name"),
+        (1, "duplicate_image_id"),
+    }
+    truncated = next(r for r in report["rejected_images"] if r["image_id"] == 8)
+    assert "truncated" in truncated["detail"]
+    duplicate = next(r for r in report["rejected_images"] if r["reason"] == "duplicate_image_id")
+    assert duplicate["file_name"] == "good2.jpg"
+
+
+def test_every_bad_annotation_is_reported_with_its_reason(bad_run):
+    artifact, _, _ = bad_run
+    report = read_report(artifact.uri)
+    by_reason = report["rejected_by_reason"]["annotation"]
+    assert by_reason == {
+        "unknown_category": 1,
+        "unknown_image": 1,
+        "degenerate_polygon": 1,
+        "zero_area_box": 1,
+        "box_outside_image": 1,
+        "duplicate_annotation_id": 1,
+        "image_rejected": 8,
+    }
+    rejected_on_rejected_images = {
+        r["image_id"] for r in report["rejected_annotations"] if r["reason"] == "image_rejected"
+    }
+    assert rejected_on_rejected_images == set(range(6, 14))
+
+
+def test_report_counts_add_up_and_reach_mlmd(bad_run):
+    artifact, images, anns = bad_run
+    report = read_report(artifact.uri)
+    for group, total in (("images", len(images)), ("annotations", len(anns))):
+        counts = report[group]
+        assert counts["in"] == total
+        assert counts["in"] == counts["written"] + counts["rejected"]
+    assert report["images"]["written"] == 5  # good, good2 (as id 2), gray, cmyk, rgba.
+    written = read_examples(artifact.uri, "train")
+    assert len(written) == 5
+    assert (
+        sum(len(feature_values(e, features.OBJECT_ANNOTATION_ID)) for e in written)
+        == (report["annotations"]["written"])
+    )
+    props = artifact.mlmd_artifact.custom_properties
+    assert props["images_rejected"].int_value == report["images"]["rejected"]
+    assert props["annotations_written"].int_value == report["annotations"]["written"]
+
+
+def test_non_rgb_images_are_converted_not_rejected(bad_run):
+    artifact, _, _ = bad_run
+    by_name = {
+        feature_values(e, features.IMAGE_FILENAME)[0].decode(): e
+        for e in read_examples(artifact.uri, "train")
+    }
+    for name, expected_format in (
+        ("gray.jpg", b"jpeg"),
+        ("cmyk.jpg", b"jpeg"),
+        ("rgba.png", b"png"),
+    ):
+        example = by_name[name]
+        assert feature_values(example, features.IMAGE_FORMAT)[0] == expected_format
+        pixels = tf.io.decode_image(feature_values(example, features.IMAGE_ENCODED)[0]).numpy()
+        assert pixels.shape == (30, 40, 3)
+    gray = tf.io.decode_image(
+        feature_values(by_name["gray.jpg"], features.IMAGE_ENCODED)[0]
+    ).numpy()
+    assert np.abs(gray[..., 0].astype(int) - gray[..., 2]).max() <= 1  # R == G == B.
+    png = tf.io.decode_image(feature_values(by_name["rgba.png"], features.IMAGE_ENCODED)[0]).numpy()
+    np.testing.assert_array_equal(png[0, 0], [10, 200, 30])  # Lossless.
+
+
+def test_crowd_rle_is_kept(bad_run):
+    artifact, _, _ = bad_run
+    example = next(
+        e
+        for e in read_examples(artifact.uri, "train")
+        if feature_values(e, features.IMAGE_ID)[0] == 2
+    )
+    assert feature_values(example, features.OBJECT_IS_CROWD) == [1]
+    mask = mask_utils.decode(
+        {"size": [30, 40], "counts": feature_values(example, features.OBJECT_MASK_RLE)[0]}
+    )
+    assert mask.sum() == 30 and mask[:, 0].all()  # Column-major: the first 30 pixels = column 0.
+
+
+def test_reject_fraction_over_the_limit_fails_the_run(bad_dataset, tmp_path):
+    root, _, _ = bad_dataset
+    with pytest.raises(RuntimeError, match=r"rejected 9 of 14 images .* max_reject_fraction=5.0%"):
+        run_example_gen(
+            root,
+            str(tmp_path),
+            split_files={"train": "annotations/instances_all.json"},
+            image_dirs={"train": "images"},
+            max_pixels=1_000_000,
+        )
+
+
+def test_malformed_json_names_file_and_position(tmp_path):
+    path = tmp_path / "instances_bad.json"
+    path.write_text('{"images": [],\n "annotations": [}\n')
+    with pytest.raises(
+        ValueError, match=r"instances_bad\.json: malformed JSON at line 2, column 18"
+    ):
+        read_coco_json(str(path))
+    path.write_text('{"images": []}')
+    with pytest.raises(ValueError, match="missing or invalid 'annotations'"):
+        read_coco_json(str(path))
+
+
+def test_file_names_never_escape_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    os.symlink(tmp_path, root / "escape")
+    assert resolve_image_path(str(root), "sub/a.jpg") == str(root / "sub" / "a.jpg")
+    for bad in ("../x.jpg", "sub/../../x.jpg", "/etc/passwd", "escape/outside.jpg", "", "a//b"):
+        assert resolve_image_path(str(root), bad) is None, bad
+    # A symlink that resolves back inside the root is fine.
+    assert resolve_image_path(str(root), "escape/root/sub/a.jpg") is not None
