@@ -1,0 +1,1 @@
+"""Mask evaluator component: COCO mask AP with pycocotools."""
