@@ -51,3 +51,17 @@ OBJECT_BYTES_KEYS = (OBJECT_MASK_RLE,)
 CATEGORY_MAP_FILENAME = "category_map.json"
 # Name of the ingestion report written in the ExampleGen's Examples artifact.
 INGESTION_REPORT_FILENAME = "ingestion_report.json"
+
+# SOLO targets, added by SoloTargetGen to each example (all original features are kept).
+# Each image carries K target variants (one per training short side x flip); the trainer draws
+# one per image per step, so augmentation is not frozen and training does no assignment work.
+# List index k of every key below is variant k.
+SOLO_VARIANT_SHORT_SIDE = "solo/variant/short_side"  # int64 [K]: resize target (shorter side).
+SOLO_VARIANT_FLIP = "solo/variant/flip"  # int64 [K]: 1 = mirrored horizontally.
+SOLO_VARIANT_RESIZED_HEIGHT = "solo/variant/resized_height"  # int64 [K]: before padding.
+SOLO_VARIANT_RESIZED_WIDTH = "solo/variant/resized_width"  # int64 [K].
+SOLO_CELL_CLASS = "solo/cell_class"  # bytes [K]: serialized int32 tensor [num_cells], -1 = bg.
+SOLO_CELL_INSTANCE = "solo/cell_instance"  # bytes [K]: serialized int32 tensor [num_cells].
+SOLO_INSTANCE_MASKS = "solo/instance_masks"  # bytes [K]: serialized uint8 tensor [N, P/4, P/4].
+SOLO_PADDED_SIZE = "solo/padded_size"  # int64: P, the square pad of the model input.
+SOLO_TARGETS_REPORT_FILENAME = "solo_targets_report.json"

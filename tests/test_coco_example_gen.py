@@ -139,7 +139,9 @@ def _truncated_jpeg(width, height) -> bytes:
 
 def _png(width, height, mode="RGBA") -> bytes:
     out = io.BytesIO()
-    Image.new(mode, (width, height), 0 if mode == "L" else (10, 200, 30, 255)).save(out, format="PNG")
+    Image.new(mode, (width, height), 0 if mode == "L" else (10, 200, 30, 255)).save(
+        out, format="PNG"
+    )
     return out.getvalue()
 
 

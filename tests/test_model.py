@@ -1,0 +1,445 @@
+"""SOLOv2 model tests on tiny shapes: branch shapes, official semantics, freezing, config round trips."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import ops
+from models.backbone import ResNetBackbone, load_backbone_weights, resnet_out_channels
+from models.config import get_experiment
+from models.fpn import FPN
+from models.heads import SOLOv2InstanceHead
+from models.mask_feature import MaskFeatureHead
+from models.solov2 import SOLOv2, build_model
+
+GRIDS = (40, 36, 24, 16, 12)
+OFFSETS = (0, 1600, 2896, 3472, 3728)
+RNG = np.random.default_rng(0)
+
+
+def _normal(*shape):
+    return RNG.standard_normal(shape).astype("float32")
+
+
+def _pyramid(batch=2, channels=32, height=64, width=96):
+    """Random P2..P6 for an input of `height x width` (multiples of 32)."""
+    sizes = [(height // s, width // s) for s in (4, 8, 16, 32)]
+    sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+    return [tf.constant(_normal(batch, h, w, channels)) for h, w in sizes]
+
+
+def _tiny_model(seed=1234):
+    keras.utils.set_random_seed(seed)
+    model = SOLOv2(
+        backbone=ResNetBackbone(depth=18, name="backbone"),
+        fpn=FPN(channels=32),
+        instance_head=SOLOv2InstanceHead(
+            num_classes=3, grids=GRIDS, num_convs=2, channels=32, kernel_channels=16, norm_groups=8
+        ),
+        mask_feature_head=MaskFeatureHead(mid_channels=16, out_channels=16, norm_groups=8),
+    )
+    model.build((None, None, None, 3))
+    return model
+
+
+def _assert_round_trip(layer, inputs):
+    """from_config(get_config()) rebuilds a layer that, given the same weights, gives the same outputs."""
+    expected = layer(inputs)
+    clone = layer.__class__.from_config(layer.get_config())
+    clone(inputs)  # builds
+    clone.set_weights(layer.get_weights())
+    tf.nest.map_structure(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        expected,
+        clone(inputs),
+    )
+    assert clone.get_config() == layer.get_config()
+
+
+# ops ---------------------------------------------------------------------------------------
+
+
+def test_coord_features_are_x_then_y_in_minus_one_one():
+    coords = ops.coord_features(3, 5, 2).numpy()
+    assert coords.shape == (2, 3, 5, 2)
+    np.testing.assert_allclose(coords[0, 0, :, 0], np.linspace(-1, 1, 5), atol=1e-7)
+    np.testing.assert_allclose(coords[1, :, 4, 1], np.linspace(-1, 1, 3), atol=1e-7)
+    assert np.all(coords[..., 0] == coords[:, :1, :, 0])  # x constant down a column
+    # torch.linspace(-1, 1, 1) == [-1]: a one-pixel map gets (-1, -1).
+    np.testing.assert_array_equal(ops.coord_features(1, 1, 1).numpy().ravel(), [-1, -1])
+
+
+def test_concat_coords_appends_two_channels():
+    x = tf.zeros((2, 4, 6, 5))
+    y = ops.concat_coords(x)
+    assert y.shape == (2, 4, 6, 7)
+    np.testing.assert_array_equal(y[..., :5].numpy(), 0)
+
+
+def test_resize_matches_pytorch_bilinear_align_corners_false():
+    row = tf.reshape(tf.range(4, dtype=tf.float32), (1, 1, 4, 1))
+    up = ops.resize(row, (1, 8)).numpy().ravel()
+    # F.interpolate(..., scale_factor=2, mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(up, [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3], atol=1e-6)
+    # x0.5 without antialias: every output is the mean of a 2x2 block.
+    x = _normal(1, 8, 6, 3)
+    down = ops.resize(tf.constant(x), (4, 3)).numpy()
+    np.testing.assert_allclose(down, x.reshape(1, 4, 2, 3, 2, 3).mean(axis=(2, 4)), atol=1e-6)
+
+
+def test_resize_nearest_x2_repeats_pixels():
+    x = _normal(1, 3, 4, 2)
+    up = ops.resize(tf.constant(x), (6, 8), method="nearest").numpy()
+    np.testing.assert_array_equal(up, x.repeat(2, axis=1).repeat(2, axis=2))
+
+
+def test_dynamic_mask_logits_is_a_per_image_1x1_conv():
+    kernels, features = _normal(2, 5, 4), _normal(2, 6, 7, 4)
+    logits = ops.dynamic_mask_logits(tf.constant(kernels), tf.constant(features)).numpy()
+    assert logits.shape == (2, 5, 6, 7)
+    for b in range(2):
+        conv = tf.nn.conv2d(features[b : b + 1], kernels[b].T[None, None], 1, "VALID")
+        np.testing.assert_allclose(logits[b], np.transpose(conv[0].numpy(), (2, 0, 1)), atol=1e-5)
+
+
+def test_conv_norm_relu():
+    layer = ops.ConvNormReLU(16, 3, norm_groups=8)
+    out = layer(tf.constant(_normal(2, 5, 6, 4)))
+    assert out.shape == (2, 5, 6, 16) and np.all(out.numpy() >= 0)
+    assert not layer.conv.use_bias and layer.norm.groups == 8 and layer.norm.epsilon == 1e-5
+    _assert_round_trip(layer, tf.constant(_normal(1, 4, 4, 4)))
+
+
+# backbone ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "depth, torchvision_params",
+    # torchvision resnet{18,34,50,101} parameters minus the fc layer.
+    [(18, 11_176_512), (34, 21_284_672), (50, 23_508_032), (101, 42_500_160)],
+)
+def test_backbone_matches_torchvision_parameter_count(depth, torchvision_params):
+    backbone = ResNetBackbone(depth)
+    moving = sum(int(np.prod(w.shape)) for w in backbone.weights if "moving" in w.path)
+    assert backbone.count_params() - moving == torchvision_params
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_backbone_returns_c2_to_c5(depth):
+    features = ResNetBackbone(depth)(tf.constant(_normal(1, 64, 96, 3)))
+    channels = resnet_out_channels(depth)
+    assert [tuple(f.shape) for f in features] == [
+        (1, 64 // s, 96 // s, c) for s, c in zip((4, 8, 16, 32), channels)
+    ]
+
+
+def test_frozen_stem_stage1_and_batchnorm_have_no_trainable_weights():
+    backbone = ResNetBackbone(18, frozen_stages=1, norm_eval=True)
+    trainable = {w.path for w in backbone.trainable_weights}
+    assert trainable, "stages 2-4 convs must stay trainable"
+    assert all(p.startswith(("layer2.", "layer3.", "layer4.")) for p in trainable)
+    assert all(p.endswith("/kernel") for p in trainable)  # no BN gamma/beta
+    # 3 stages x (2 blocks x 2 convs + 1 downsample) conv kernels.
+    assert len(trainable) == 15
+    frozen = {w.path for w in backbone.non_trainable_weights}
+    assert {"conv1/kernel", "bn1/gamma", "layer1.0.conv1/kernel"} <= frozen
+
+
+def test_frozen_batchnorm_runs_in_inference_mode_when_training():
+    backbone = ResNetBackbone(18)
+    images = tf.constant(_normal(2, 64, 64, 3))
+    before = [w.numpy() for w in backbone.weights]
+    for a, b in zip(backbone(images, training=True), backbone(images, training=False)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for old, new in zip(before, backbone.weights):
+        np.testing.assert_array_equal(old, new.numpy())  # moving stats untouched
+
+
+def test_unfrozen_backbone_trains_batchnorm():
+    backbone = ResNetBackbone(18, frozen_stages=-1, norm_eval=False)
+    trainable = {w.path for w in backbone.trainable_weights}
+    assert {"conv1/kernel", "bn1/gamma", "bn1/beta", "layer1.0.bn2/gamma"} <= trainable
+    images = tf.constant(_normal(2, 32, 32, 3))
+    train, infer = backbone(images, training=True), backbone(images, training=False)
+    assert not np.allclose(train[0].numpy(), infer[0].numpy())
+
+
+def test_backbone_config_round_trip_keeps_freezing():
+    backbone = ResNetBackbone(18, frozen_stages=2, norm_eval=True, name="bb")
+    _assert_round_trip(backbone, tf.constant(_normal(1, 32, 32, 3)))
+    clone = ResNetBackbone.from_config(backbone.get_config())
+    assert [w.path for w in clone.trainable_weights] == [w.path for w in backbone.trainable_weights]
+
+
+def test_load_keras_weights_file(tmp_path):
+    source, target = ResNetBackbone(18), ResNetBackbone(18)
+    path = str(tmp_path / "r18.weights.h5")
+    source.save_weights(path)
+    load_backbone_weights(target, path)
+    images = tf.constant(_normal(1, 32, 32, 3))
+    np.testing.assert_array_equal(source(images)[3].numpy(), target(images)[3].numpy())
+
+
+def _torchvision_state(backbone):
+    """What `torchvision.models.resnetXX().state_dict()` holds, built from our weights."""
+    state = {"fc.weight": np.zeros((1000, 512)), "fc.bias": np.zeros(1000)}
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            state[f"{layer.name}.weight"] = np.transpose(layer.get_weights()[0], (3, 2, 0, 1))
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            state.update(
+                {
+                    f"{layer.name}.weight": gamma,
+                    f"{layer.name}.bias": beta,
+                    f"{layer.name}.running_mean": mean,
+                    f"{layer.name}.running_var": var,
+                    f"{layer.name}.num_batches_tracked": np.array(0),
+                }
+            )
+    return state
+
+
+def test_load_torchvision_npz(tmp_path):
+    source, target = ResNetBackbone(18), ResNetBackbone(18)
+    # Non-trivial BN statistics so a mis-mapped BN field would show.
+    for layer in source.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma * 1.1, beta + 0.1, mean + 0.2, var * 1.5])
+    state = _torchvision_state(source)
+    assert state["conv1.weight"].shape == (64, 3, 7, 7)
+    assert "layer2.0.downsample.0.weight" in state
+    path = str(tmp_path / "resnet18.npz")
+    np.savez(path, **state)
+    load_backbone_weights(target, path)
+    images = tf.constant(_normal(1, 32, 32, 3))
+    np.testing.assert_array_equal(source(images)[3].numpy(), target(images)[3].numpy())
+
+
+def test_load_torchvision_npz_rejects_a_mismatched_depth(tmp_path):
+    path = str(tmp_path / "resnet18.npz")
+    np.savez(path, **_torchvision_state(ResNetBackbone(18)))
+    target = ResNetBackbone(34)
+    before = target.get_weights()
+    with pytest.raises(ValueError, match="missing layer1.2.conv1.weight"):
+        load_backbone_weights(target, path)
+    for old, new in zip(before, target.get_weights()):
+        np.testing.assert_array_equal(old, new)  # nothing half-loaded
+
+
+def test_load_weights_unknown_format(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=".weights.h5 or .npz"):
+        load_backbone_weights(ResNetBackbone(18), str(path))
+
+
+# FPN ---------------------------------------------------------------------------------------
+
+
+def _c_features(batch=2, height=64, width=96, channels=(8, 16, 24, 32)):
+    return [
+        tf.constant(_normal(batch, height // s, width // s, c))
+        for s, c in zip((4, 8, 16, 32), channels)
+    ]
+
+
+def test_fpn_shapes_and_p6_is_strided_p5():
+    fpn = FPN(channels=16)
+    outputs = fpn(_c_features())
+    assert [tuple(p.shape) for p in outputs] == [
+        (2, 16, 24, 16),
+        (2, 8, 12, 16),
+        (2, 4, 6, 16),
+        (2, 2, 3, 16),
+        (2, 1, 2, 16),
+    ]
+    np.testing.assert_array_equal(outputs[4].numpy(), outputs[3].numpy()[:, ::2, ::2])
+
+
+def test_fpn_matches_a_direct_top_down_computation():
+    fpn = FPN(channels=8)
+    features = _c_features(batch=1, channels=(4, 4, 4, 4))
+    outputs = fpn(features)
+
+    def conv(x, layer):
+        kernel, bias = layer.get_weights()
+        return tf.nn.conv2d(x, kernel, 1, "SAME").numpy() + bias
+
+    merged = [conv(c, layer) for c, layer in zip(features, fpn.lateral_convs)]
+    for level in (3, 2, 1):
+        merged[level - 1] = merged[level - 1] + merged[level].repeat(2, axis=1).repeat(2, axis=2)
+    for level in range(4):
+        expected = conv(merged[level].astype("float32"), fpn.output_convs[level])
+        np.testing.assert_allclose(outputs[level].numpy(), expected, atol=1e-4)
+
+
+def test_fpn_round_trip():
+    _assert_round_trip(FPN(channels=8), _c_features(batch=1))
+
+
+# instance head -----------------------------------------------------------------------------
+
+
+def _tiny_head(**overrides):
+    args = dict(
+        num_classes=3, grids=GRIDS, num_convs=2, channels=16, kernel_channels=8, norm_groups=8
+    )
+    args.update(overrides)
+    return SOLOv2InstanceHead(**args)
+
+
+def test_head_output_shapes_follow_the_contract():
+    outputs = _tiny_head()(_pyramid(channels=32))
+    assert tuple(outputs["category_logits"].shape) == (2, 3872, 3)
+    assert tuple(outputs["kernels"].shape) == (2, 3872, 8)
+
+
+def test_head_level_inputs_have_strides_8_8_16_32_32():
+    head = _tiny_head()
+    inputs = head.level_inputs(_pyramid(height=128, width=192))
+    assert [tuple(x.shape[1:3]) for x in inputs] == [(16, 24), (16, 24), (8, 12), (4, 6), (4, 6)]
+
+
+def test_head_flattens_levels_row_major_at_contract_offsets():
+    head = _tiny_head()
+    pyramid = _pyramid()
+    flat = head(pyramid)
+    category_maps, kernel_maps = head.level_outputs(pyramid)
+    for offset, grid, category, kernel in zip(OFFSETS, GRIDS, category_maps, kernel_maps):
+        assert category.shape[1:3] == (grid, grid)
+        block = flat["category_logits"][:, offset : offset + grid * grid]
+        np.testing.assert_array_equal(block.numpy().reshape(2, grid, grid, 3), category.numpy())
+        # cell (i, j) -> offset + i * S + j
+        np.testing.assert_array_equal(
+            flat["kernels"][:, offset + 2 * grid + 5].numpy(), kernel[:, 2, 5].numpy()
+        )
+
+
+def test_category_bias_prior_and_normal_init():
+    head = _tiny_head(channels=64)
+    head(_pyramid(channels=32))
+    bias = head.category_output.bias.numpy()
+    np.testing.assert_allclose(bias, -math.log(99), atol=1e-6)
+    assert round(float(bias[0]), 3) == -4.595
+    np.testing.assert_array_equal(head.kernel_output.bias.numpy(), 0)
+    tower_kernel = head.category_tower[1].conv.kernel.numpy()
+    assert abs(tower_kernel.std() - 0.01) < 0.001 and abs(tower_kernel.mean()) < 0.001
+
+
+def test_only_the_kernel_branch_sees_coordinates():
+    # Zero features: GN(0) = 0, so the category branch outputs exactly its bias, while the
+    # kernel branch varies over the grid because of the CoordConv channels.
+    head = _tiny_head()
+    outputs = head([tf.zeros_like(p) for p in _pyramid()])
+    np.testing.assert_allclose(outputs["category_logits"].numpy(), -math.log(99), atol=1e-5)
+    assert outputs["kernels"].numpy().std(axis=1).min() > 0
+    assert head.kernel_tower[0].conv.kernel.shape[2] == 32 + 2
+    assert head.category_tower[0].conv.kernel.shape[2] == 32
+
+
+def test_head_towers_are_shared_across_levels():
+    head = _tiny_head(num_convs=3)
+    head(_pyramid())
+    # Per branch: num_convs x (conv kernel, GN gamma, GN beta) + output kernel and bias.
+    assert len(head.trainable_weights) == 2 * (3 * 3 + 2)
+    assert all(not layer.conv.use_bias for layer in head.kernel_tower + head.category_tower)
+
+
+def test_head_round_trip():
+    _assert_round_trip(_tiny_head(), _pyramid(batch=1))
+
+
+# mask feature branch -----------------------------------------------------------------------
+
+
+def test_mask_feature_shape_and_conv_layout():
+    head = MaskFeatureHead(mid_channels=16, out_channels=24, norm_groups=8)
+    out = head(_pyramid(channels=32)[:4])
+    assert tuple(out.shape) == (2, 16, 24, 24)
+    assert [len(convs) for convs in head.level_convs] == [1, 1, 2, 3]
+    first_in = [convs[0].conv.kernel.shape[2] for convs in head.level_convs]
+    assert first_in == [32, 32, 32, 34]  # coordinates only on P5
+    assert head.output_conv.conv.kernel.shape[:2] == (1, 1)
+    assert np.all(out.numpy() >= 0)  # ends with GN + ReLU
+
+
+def test_mask_feature_coordinates_make_zero_input_vary():
+    head = MaskFeatureHead(mid_channels=16, out_channels=16, norm_groups=8)
+    out = head([tf.zeros_like(p) for p in _pyramid()[:4]]).numpy()
+    assert out.std(axis=(1, 2)).max() > 0
+
+
+def test_mask_feature_round_trip():
+    _assert_round_trip(MaskFeatureHead(16, 16, 8), _pyramid(batch=1)[:4])
+
+
+# full model --------------------------------------------------------------------------------
+
+
+def test_model_outputs_follow_the_contract():
+    model = _tiny_model()
+    outputs = model(tf.constant(_normal(2, 64, 96, 3)))
+    assert set(outputs) == {"category_logits", "kernels", "mask_features"}
+    assert tuple(outputs["category_logits"].shape) == (2, 3872, 3)
+    assert tuple(outputs["kernels"].shape) == (2, 3872, 16)
+    assert tuple(outputs["mask_features"].shape) == (2, 16, 24, 16)
+    assert all(v.dtype == tf.float32 for v in outputs.values())
+    logits = ops.dynamic_mask_logits(outputs["kernels"], outputs["mask_features"])
+    assert tuple(logits.shape) == (2, 3872, 16, 24)
+
+
+def test_model_training_flag_does_not_change_outputs():
+    model = _tiny_model()
+    images = tf.constant(_normal(1, 64, 64, 3))
+    train, infer = model(images, training=True), model(images, training=False)
+    for key in train:
+        np.testing.assert_array_equal(train[key].numpy(), infer[key].numpy())
+
+
+def test_model_round_trip_and_keras_file(tmp_path):
+    model = _tiny_model()
+    images = tf.constant(_normal(1, 64, 64, 3))
+    _assert_round_trip(model, images)
+    path = str(tmp_path / "tiny.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    for key, value in model(images).items():
+        np.testing.assert_array_equal(value.numpy(), restored(images)[key].numpy())
+    assert len(restored.trainable_weights) == len(model.trainable_weights)
+
+
+def test_pinned_forward_regression():
+    """Seeded init + fixed input -> pinned summaries (values observed on TF 2.16.2 CPU)."""
+    images = np.random.RandomState(0).standard_normal((2, 64, 64, 3)).astype("float32")
+    outputs = _tiny_model(seed=1234)(tf.constant(images))
+    pinned = {
+        "category_logits": (-4.652587695616829, 0.09120683167553989),
+        "kernels": (0.025451239877937383, 0.10480231769404996),
+        "mask_features": (0.4177092131249083, 0.5717026810098775),
+    }
+    for key, (mean, std) in pinned.items():
+        value = outputs[key].numpy().astype("float64")
+        np.testing.assert_allclose([value.mean(), value.std()], [mean, std], rtol=1e-4, atol=1e-6)
+
+
+def test_demo_cpu_builds_with_the_right_shapes():
+    config = get_experiment("demo_cpu").model
+    model = build_model(config)
+    outputs = model(tf.constant(_normal(1, 64, 64, 3)))
+    assert tuple(outputs["category_logits"].shape) == (1, 3872, 5)
+    assert tuple(outputs["mask_features"].shape) == (1, 16, 16, 64)
+
+
+def test_solov2_r50_parameter_count():
+    model = build_model(get_experiment("solov2_r50_fpn_1x").model)
+    moving = sum(int(np.prod(w.shape)) for w in model.weights if "moving" in w.path)
+    # Keras count includes BN moving mean/variance; without them it compares with PyTorch's
+    # parameter count of the official model (~46M).
+    assert model.count_params() == 46_646_032
+    assert model.count_params() - moving == 46_592_912
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 46_317_392
