@@ -13,7 +13,9 @@ setup(
     version="0.1.0",
     description="SOLOv2 instance segmentation as a TFX production pipeline (Keras 3, Beam, MLMD).",
     python_requires=">=3.10,<3.11",
-    packages=find_packages(include=["pipeline*", "components*", "models*", "schemas*", "kubeflow*"]),
+    packages=find_packages(
+        include=["pipeline*", "components*", "models*", "schemas*", "kubeflow*"]
+    ),
     package_data={"schemas": ["*.pbtxt"]},
     include_package_data=True,
     install_requires=[
