@@ -281,3 +281,28 @@ def _point_nms_levels(probs: tf.Tensor, grids: Sequence[int]) -> tf.Tensor:
         ],
         axis=1,
     )
+
+
+def quantize_masks(soft_masks: tf.Tensor) -> tf.Tensor:
+    """Soft masks in [0, 1] -> uint8 round(255 * p), the compact serving form."""
+    return tf.cast(tf.round(tf.clip_by_value(soft_masks, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def paste_masks(masks: tf.Tensor, image_info: tf.Tensor, mask_threshold: float = 0.5) -> tf.Tensor:
+    """One image's serving masks -> binary masks on the original image (official mapping).
+
+    Args:
+      masks: `[K, P/4, P/4]` uint8 quantised soft masks (or float probabilities in [0, 1]).
+      image_info: `[4]` int: original height, original width, resized height, resized width.
+    Returns:
+      `[K, H, W]` bool: bilinear x4 to the padded input, crop to the resized image, bilinear
+      resize to the original size, then `> mask_threshold` (official `get_seg_single`).
+    """
+    soft = tf.cast(masks, tf.float32)
+    if masks.dtype == tf.uint8:
+        soft = soft / 255.0
+    quarter = tf.shape(soft)[1:3]
+    up = tf.image.resize(soft[..., tf.newaxis], quarter * 4, method="bilinear")
+    cropped = up[:, : image_info[2], : image_info[3], :]
+    full = tf.image.resize(cropped, tf.stack([image_info[0], image_info[1]]), method="bilinear")
+    return full[..., 0] > mask_threshold

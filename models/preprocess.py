@@ -34,6 +34,8 @@ def resized_shape(height, width, short_side: int, max_size: int):
     """
     height = tf.cast(height, tf.float32)
     width = tf.cast(width, tf.float32)
+    short_side = tf.cast(short_side, tf.float32)
+    max_size = tf.cast(max_size, tf.float32)
     scale = tf.minimum(short_side / tf.minimum(height, width), max_size / tf.maximum(height, width))
     new_height = tf.cast(tf.floor(height * scale + 0.5), tf.int32)
     new_width = tf.cast(tf.floor(width * scale + 0.5), tf.int32)

@@ -25,6 +25,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_local(
         args.coco_dir,
         args.output_dir,
+        experiment=args.config,
         max_reject_fraction=args.max_reject_fraction,
         enable_cache=not args.no_cache,
     )
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--coco-dir", required=True, help="COCO directory (annotations/instances_*.json)"
     )
     run.add_argument("--output-dir", default="outputs")
+    run.add_argument("--config", default="demo_cpu", help="named experiment (models/config.py)")
     run.add_argument("--max-reject-fraction", type=float, default=0.05)
     run.add_argument("--no-cache", action="store_true")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -62,6 +62,7 @@ def run_local(
     coco_dir: str,
     output_dir: str,
     *,
+    experiment: str = configs.DEFAULT_EXPERIMENT,
     beam_pipeline_args: tuple[str, ...] = configs.DEFAULT_BEAM_ARGS,
     max_reject_fraction: float = 0.05,
     enable_cache: bool = True,
@@ -78,6 +79,7 @@ def run_local(
         pipeline_name=configs.PIPELINE_NAME,
         pipeline_root=paths.pipeline_root,
         data=data,
+        experiment=experiment,
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             paths.metadata_path
         ),

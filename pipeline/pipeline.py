@@ -10,6 +10,7 @@ from tfx import v1 as tfx
 from tfx.orchestration import pipeline as tfx_pipeline
 
 from components.coco_example_gen.component import CocoExampleGen
+from components.solo_targets.component import SoloTargetGen
 from pipeline import configs
 
 
@@ -39,6 +40,7 @@ def create_pipeline(
     pipeline_name: str,
     pipeline_root: str,
     data: DataSpec,
+    experiment: str = configs.DEFAULT_EXPERIMENT,
     metadata_connection_config=None,
     beam_pipeline_args: Sequence[str] = configs.DEFAULT_BEAM_ARGS,
     max_reject_fraction: float = 0.05,
@@ -47,7 +49,10 @@ def create_pipeline(
     """Builds the SOLOv2 pipeline.
 
     DAG (stages added as they land): CocoExampleGen -> StatisticsGen -> ImportSchemaGen ->
-    ExampleValidator.
+    ExampleValidator; CocoExampleGen -> SoloTargetGen.
+
+    Args:
+      experiment: a name from `models.config.EXPERIMENTS`; it fixes the target geometry.
     """
     example_gen = CocoExampleGen(
         data.root,
@@ -61,7 +66,8 @@ def create_pipeline(
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )
-    components = [example_gen, statistics_gen, schema_gen, example_validator]
+    solo_targets = SoloTargetGen(examples=example_gen.outputs["examples"], experiment=experiment)
+    components = [example_gen, statistics_gen, schema_gen, example_validator, solo_targets]
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name,
         pipeline_root=pipeline_root,

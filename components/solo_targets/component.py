@@ -1,0 +1,139 @@
+"""SoloTargetGen: Examples -> Examples with SOLO grid targets, same splits (Beam).
+
+(No `from __future__ import annotations` here: the TFX decorator reads real annotations.)
+
+For every image it materialises the target variants of the model config (training split:
+every training short side x {no flip, flip} when the recipe flips; other splits: the test scale
+only), using the same geometry (`models.preprocess`) and the same assignment function
+(`models.targets.compute_targets`) that the tests check against the official algorithm.
+Degenerate instances are counted in `solo_targets_report.json` and the artifact's custom
+properties, never dropped silently (they stay in the example, with no positive cell).
+"""
+
+import collections
+import json
+import os
+
+import apache_beam as beam
+import tensorflow as tf
+from tfx.dsl.component.experimental.annotations import (
+    BeamComponentParameter,
+    InputArtifact,
+    OutputArtifact,
+    Parameter,
+)
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types import artifact_utils, standard_artifacts
+
+from components.solo_targets.transform import TargetMaker, TargetSpec
+from models.config import get_experiment
+from schemas import features
+
+
+def target_spec_for(experiment: str, split: str, train_split: str = "train") -> TargetSpec:
+    """The variants a split gets under a named experiment config."""
+    config = get_experiment(experiment)
+    model, train = config.model, config.train
+    if split == train_split:
+        flips = (False, True) if train.flip_prob > 0 else (False,)
+        variants = tuple((side, flip) for side in train.train_short_sides for flip in flips)
+        max_size = train.train_max_size
+    else:
+        variants = ((model.image_short_side, False),)
+        max_size = model.image_max_size
+    if max_size != model.image_max_size:
+        raise ValueError("train_max_size and image_max_size must agree (one static pad size)")
+    return TargetSpec(model.grids, model.scale_ranges, model.sigma, max_size, variants)
+
+
+class _AddTargets(beam.DoFn):
+    def __init__(self, spec: TargetSpec):
+        self._spec = spec
+
+    def setup(self):
+        self._maker = TargetMaker(self._spec)
+
+    def process(self, serialized: bytes):
+        example, counts = self._maker.add_targets(tf.train.Example.FromString(serialized))
+        yield beam.pvalue.TaggedOutput("counts", counts)
+        yield example.SerializeToString()
+
+
+def _sum_counters(counters) -> dict:
+    total = collections.Counter()
+    for counter in counters:
+        total.update(counter)
+    return dict(total)
+
+
+@component(use_beam=True)
+def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
+    examples: InputArtifact[standard_artifacts.Examples],
+    targets: OutputArtifact[standard_artifacts.Examples],
+    experiment: Parameter[str],
+    train_split: Parameter[str] = "train",
+    beam_pipeline: BeamComponentParameter[beam.Pipeline] = None,
+) -> None:
+    """Writes `targets` (Examples, same splits) with K SOLO target variants per image."""
+    splits = artifact_utils.decode_split_names(examples.split_names)
+    targets.split_names = artifact_utils.encode_split_names(splits)
+    report_dir = os.path.join(targets.uri, "_report")
+    with beam_pipeline as pipeline:
+        for split in splits:
+            spec = target_spec_for(experiment, split, train_split)
+            results = (
+                pipeline
+                | f"Read[{split}]"
+                >> beam.io.ReadFromTFRecord(os.path.join(examples.path(split=split), "*"))
+                | f"AddTargets[{split}]"
+                >> beam.ParDo(_AddTargets(spec)).with_outputs("counts", main="examples")
+            )
+            _ = results.examples | f"Write[{split}]" >> beam.io.WriteToTFRecord(
+                os.path.join(targets.path(split=split), "data_tfrecord"), file_name_suffix=".gz"
+            )
+            _ = (
+                results.counts
+                | f"Count[{split}]" >> beam.CombineGlobally(_sum_counters)
+                | f"WriteCounts[{split}]"
+                >> beam.Map(
+                    lambda c, s=split, v=spec.variants: _write_json(
+                        {"split": s, "variants": [list(x) for x in v], "images": None, **c},
+                        os.path.join(report_dir, f"{s}.json"),
+                    )
+                )
+            )
+            _ = (
+                results.examples
+                | f"CountImages[{split}]" >> beam.combiners.Count.Globally()
+                | f"WriteImageCount[{split}]"
+                >> beam.Map(
+                    lambda n, s=split: _write_json(n, os.path.join(report_dir, f"{s}.images"))
+                )
+            )
+
+    report = {"experiment": experiment, "splits": {}}
+    for split in splits:
+        with tf.io.gfile.GFile(os.path.join(report_dir, f"{split}.json")) as f:
+            split_report = json.load(f)
+        with tf.io.gfile.GFile(os.path.join(report_dir, f"{split}.images")) as f:
+            split_report["images"] = json.load(f)
+        report["splits"][split] = split_report
+        for key, value in split_report.items():
+            if isinstance(value, int):
+                targets.set_int_custom_property(f"{split}_{key}", value)
+    tf.io.gfile.rmtree(report_dir)
+    _write_json(report, os.path.join(targets.uri, features.SOLO_TARGETS_REPORT_FILENAME))
+    category_map = os.path.join(examples.uri, features.CATEGORY_MAP_FILENAME)
+    if tf.io.gfile.exists(category_map):
+        tf.io.gfile.copy(
+            category_map, os.path.join(targets.uri, features.CATEGORY_MAP_FILENAME), True
+        )
+    for key in ("payload_format", "file_format"):
+        if key in examples.mlmd_artifact.custom_properties:
+            targets.set_string_custom_property(key, examples.get_string_custom_property(key))
+
+
+def _write_json(value, path: str) -> None:
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(value, f, indent=1)
