@@ -1,4 +1,4 @@
-"""The `solov2` command. Subcommands grow with the project: demo-data, run."""
+"""The `solov2` command. Subcommands grow with the project: demo-data, run, runs."""
 
 from __future__ import annotations
 
@@ -33,6 +33,99 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline import runs
+    from pipeline.summary import MetadataError
+
+    try:
+        if args.runs_command == "list":
+            result = runs.list_runs(args.metadata, args.pipeline_name)
+            if not result and not args.json:
+                print(f"No runs of pipeline {args.pipeline_name!r} in {args.metadata}.")
+                return 0
+            text = runs.format_runs
+        elif args.runs_command == "show":
+            result = runs.show_run(args.metadata, args.pipeline_name, args.run)
+            text = runs.format_show
+        else:
+            result = runs.lineage(args.metadata, args.pipeline_name, args.run, args.artifact)
+            text = runs.format_lineage
+    except MetadataError as e:
+        print(f"solov2 runs {args.runs_command}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=1, default=str) if args.json else text(result))
+    return 0
+
+
+def _add_runs_parser(sub) -> None:
+    def store_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+        # Accepted before or after the sub-subcommand: only the `runs` level sets defaults, so
+        # (argparse.SUPPRESS) a value given before the sub-subcommand is not overwritten.
+        def default(value):
+            return value if defaults else argparse.SUPPRESS
+
+        parser.add_argument(
+            "--metadata",
+            default=default("outputs/metadata.sqlite"),
+            help="SQLite ML Metadata file (default: outputs/metadata.sqlite)",
+        )
+        parser.add_argument(
+            "--pipeline-name",
+            default=default("solov2"),
+            help="pipeline name in the store (default: solov2)",
+        )
+        parser.add_argument(
+            "--json", action="store_true", default=default(False), help="print JSON instead of text"
+        )
+
+    group = sub.add_parser("runs", help="inspect pipeline runs recorded in ML Metadata")
+    store_options(group, defaults=True)
+    runs_sub = group.add_subparsers(dest="runs_command", required=True)
+    listing = runs_sub.add_parser("list", help="one line per run: state, duration, AP, push")
+    show = runs_sub.add_parser("show", help="components, outputs and reports of one run")
+    show.add_argument("run", help="run id, `latest`, or an unambiguous prefix of a run id")
+    lineage = runs_sub.add_parser(
+        "lineage", help="trace a run's pushed model (or last artifacts) back to the input files"
+    )
+    lineage.add_argument("run", nargs="?", default="latest", help="as for `show` (default: latest)")
+    lineage.add_argument("--artifact", type=int, help="start from this artifact id instead")
+    for parser in (listing, show, lineage):
+        store_options(parser, defaults=False)
+    group.set_defaults(func=_runs)
+
+
+def _compile_kubeflow(args: argparse.Namespace) -> int:
+    from kubeflow.runner import compile_pipeline, describe
+
+    options = {
+        "experiment": args.experiment,
+        "train_steps": args.train_steps,
+        "gpu_count": args.gpus,
+        "gpu_type": args.gpu_type,
+        "beam_runner": args.beam_runner,
+        "project": args.project,
+        "region": args.region,
+        "temp_location": args.temp_location,
+        "serving_dir": args.serving_dir,
+    }
+    if args.split_file:
+        options["split_files"] = dict(item.split("=", 1) for item in args.split_file)
+    job = compile_pipeline(
+        args.output,
+        image=args.image,
+        pipeline_root=args.pipeline_root,
+        coco_dir=args.coco_dir,
+        extra_beam_args=args.beam_arg,
+        enable_cache=not args.no_cache,
+        **{key: value for key, value in options.items() if value is not None},
+    )
+    print(describe(job))
+    print(f"Wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solov2", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +147,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(func=_run)
+
+    kfp = sub.add_parser(
+        "compile-kubeflow", help="compile the pipeline for Kubeflow Pipelines v2 (never submits)"
+    )
+    kfp.add_argument("--image", required=True, help="image built from the Dockerfile")
+    kfp.add_argument("--pipeline-root", required=True, help="artifact root, e.g. gs://bucket/root")
+    kfp.add_argument("--coco-dir", required=True, help="COCO root on object storage")
+    kfp.add_argument("--output", default="pipeline.json", help=".json job or .yaml spec")
+    kfp.add_argument(
+        "--split-file",
+        action="append",
+        metavar="SPLIT=PATH",
+        help="annotation JSON per split, relative to --coco-dir (default: COCO 2017 train/val)",
+    )
+    kfp.add_argument("--experiment", help="named experiment (default solov2_r50_fpn_1x)")
+    kfp.add_argument("--train-steps", type=int)
+    kfp.add_argument("--gpus", type=int, help="GPUs for Trainer and evaluator (default 1)")
+    kfp.add_argument("--gpu-type", help="NVIDIA_TESLA_T4 (Vertex, default) or nvidia.com/gpu")
+    kfp.add_argument("--beam-runner", help="DataflowRunner (default), DirectRunner, FlinkRunner...")
+    kfp.add_argument("--project", help="GCP project (Dataflow)")
+    kfp.add_argument("--region", help="GCP region (Dataflow)")
+    kfp.add_argument("--temp-location", help="Dataflow temp dir (default <root>/beam-tmp)")
+    kfp.add_argument(
+        "--beam-arg", action="append", default=[], help="extra Beam option: --beam-arg=--x=y"
+    )
+    kfp.add_argument("--serving-dir", help="Pusher destination (default <root>/serving/solov2)")
+    kfp.add_argument("--no-cache", action="store_true")
+    kfp.set_defaults(func=_compile_kubeflow)
+
+    _add_runs_parser(sub)
     return parser
 
 
