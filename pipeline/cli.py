@@ -97,11 +97,16 @@ def _add_runs_parser(sub) -> None:
 
 
 def _compile_kubeflow(args: argparse.Namespace) -> int:
+    import json
+
     from kubeflow.runner import compile_pipeline, describe
+    from pipeline.pipeline import TrainingSpec
 
     options = {
         "experiment": args.experiment,
-        "train_steps": args.train_steps,
+        "training": TrainingSpec(
+            train_steps=args.train_steps, custom_config=json.loads(args.custom_config)
+        ),
         "gpu_count": args.gpus,
         "gpu_type": args.gpu_type,
         "beam_runner": args.beam_runner,
@@ -162,7 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="annotation JSON per split, relative to --coco-dir (default: COCO 2017 train/val)",
     )
     kfp.add_argument("--experiment", help="named experiment (default solov2_r50_fpn_1x)")
-    kfp.add_argument("--train-steps", type=int)
+    kfp.add_argument("--train-steps", type=int, help="default: the experiment's epochs")
+    kfp.add_argument(
+        "--custom-config",
+        default="{}",
+        help='JSON for run_fn, e.g. \'{"strategy": "tpu", "mixed_precision": "mixed_bfloat16"}\'',
+    )
     kfp.add_argument("--gpus", type=int, help="GPUs for Trainer and evaluator (default 1)")
     kfp.add_argument("--gpu-type", help="NVIDIA_TESLA_T4 (Vertex, default) or nvidia.com/gpu")
     kfp.add_argument("--beam-runner", help="DataflowRunner (default), DirectRunner, FlinkRunner...")

@@ -12,7 +12,7 @@ import os
 import time
 
 from pipeline import configs
-from pipeline.pipeline import DataSpec
+from pipeline.pipeline import DataSpec, TrainingSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,7 @@ def run_local(
     output_dir: str,
     *,
     experiment: str = configs.DEFAULT_EXPERIMENT,
+    training: TrainingSpec | None = None,
     beam_pipeline_args: tuple[str, ...] = configs.DEFAULT_BEAM_ARGS,
     max_reject_fraction: float = 0.05,
     enable_cache: bool = True,
@@ -79,7 +80,9 @@ def run_local(
         pipeline_name=configs.PIPELINE_NAME,
         pipeline_root=paths.pipeline_root,
         data=data,
+        serving_dir=paths.serving_dir,
         experiment=experiment,
+        training=training,
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             paths.metadata_path
         ),
@@ -95,6 +98,7 @@ def run_local(
         "output_dir": paths.output_dir,
         "pipeline_root": paths.pipeline_root,
         "metadata": paths.metadata_path,
+        "serving_dir": paths.serving_dir,
     }
     return summary
 
@@ -113,6 +117,21 @@ def format_summary(summary: dict) -> str:
             )
         for split, c in report["output_splits"].items():
             lines.append(f"  split {split:<7} {c['images']} images, {c['annotations']} annotations")
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        lines.append("Mask AP (COCO, eval split): " + evaluation["metrics_path"])
+        lines.append("  " + "  ".join(f"{k}={v:.3f}" for k, v in evaluation["segm"].items()))
+        lines.append("  box AP from masks: " + f"{evaluation['box_AP']:.3f}")
+    if "blessed" in summary:
+        lines.append(
+            f"Blessed: {'yes' if summary['blessed'] else 'no'}  ({summary.get('blessing_message', '')})"
+        )
+    if summary.get("pushed_to"):
+        lines.append(f"Pushed model: {summary['pushed_to']}")
+    elif "blessed" in summary:
+        lines.append("Pushed model: none (not blessed)")
+    if summary.get("tensorboard"):
+        lines.append(f"TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir <that>)")
     lines.append("Outputs:")
     for key, value in summary["paths"].items():
         lines.append(f"  {key:<14} {value}")

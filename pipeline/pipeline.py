@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tfx import v1 as tfx
 from tfx.orchestration import pipeline as tfx_pipeline
 
 from components.coco_example_gen.component import CocoExampleGen
+from components.mask_evaluator.component import MaskEvaluator
 from components.solo_targets.component import SoloTargetGen
 from pipeline import configs
+
+RUN_FN = "models.train.run_fn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +32,22 @@ class DataSpec:
     image_dirs: dict[str, str] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """What the Trainer and the blessing gate get.
+
+    `custom_config` goes to `models.train.run_fn` unchanged (keys: experiment, overrides,
+    strategy, mixed_precision, checkpoint_every, ...); `experiment` is added from the pipeline
+    argument. `train_steps` None means the recipe's epochs.
+    """
+
+    train_steps: int | None = None
+    custom_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    min_mask_ap: float = 0.0
+    max_regression: float = 0.01
+    eval_batch_size: int = 8
+
+
 def schema_path() -> str:
     """The packaged schema file (schemas/schema.pbtxt)."""
     import schemas
@@ -40,7 +60,9 @@ def create_pipeline(
     pipeline_name: str,
     pipeline_root: str,
     data: DataSpec,
+    serving_dir: str,
     experiment: str = configs.DEFAULT_EXPERIMENT,
+    training: TrainingSpec | None = None,
     metadata_connection_config=None,
     beam_pipeline_args: Sequence[str] = configs.DEFAULT_BEAM_ARGS,
     max_reject_fraction: float = 0.05,
@@ -48,12 +70,16 @@ def create_pipeline(
 ) -> tfx_pipeline.Pipeline:
     """Builds the SOLOv2 pipeline.
 
-    DAG (stages added as they land): CocoExampleGen -> StatisticsGen -> ImportSchemaGen ->
-    ExampleValidator; CocoExampleGen -> SoloTargetGen.
+    DAG: CocoExampleGen -> StatisticsGen -> ExampleValidator (with ImportSchemaGen's schema);
+    CocoExampleGen -> SoloTargetGen -> Trainer -> MaskEvaluator (eval split of CocoExampleGen,
+    baseline = latest blessed model) -> Pusher (to `serving_dir`/<version>, only when blessed).
 
     Args:
-      experiment: a name from `models.config.EXPERIMENTS`; it fixes the target geometry.
+      experiment: a name from `models.config.EXPERIMENTS`; it fixes target geometry and model.
+      serving_dir: the TF Serving model base path (`.../<model_name>`), on storage the Pusher
+        can write.
     """
+    training = training or TrainingSpec()
     example_gen = CocoExampleGen(
         data.root,
         split_files=data.split_files,
@@ -67,7 +93,52 @@ def create_pipeline(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )
     solo_targets = SoloTargetGen(examples=example_gen.outputs["examples"], experiment=experiment)
-    components = [example_gen, statistics_gen, schema_gen, example_validator, solo_targets]
+
+    custom_config = {
+        "experiment": experiment,
+        # Stable across executions so that a killed and re-run Trainer resumes; run_fn keys a
+        # subfolder by its inputs and config, so a different run never resumes the wrong model.
+        "checkpoint_dir": os.path.join(pipeline_root, "Trainer", "_checkpoints"),
+        **dict(training.custom_config),
+    }
+    trainer = tfx.components.Trainer(
+        run_fn=RUN_FN,
+        examples=solo_targets.outputs["targets"],
+        train_args=tfx.proto.TrainArgs(splits=["train"], num_steps=training.train_steps),
+        eval_args=tfx.proto.EvalArgs(splits=["eval"], num_steps=0),
+        custom_config=custom_config,
+    )
+    baseline_resolver = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+    evaluator = MaskEvaluator(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        baseline_model=baseline_resolver.outputs["model"],
+        min_mask_ap=training.min_mask_ap,
+        max_regression=training.max_regression,
+        batch_size=training.eval_batch_size,
+    )
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)
+        ),
+    )
+    components = [
+        example_gen,
+        statistics_gen,
+        schema_gen,
+        example_validator,
+        solo_targets,
+        trainer,
+        baseline_resolver,
+        evaluator,
+        pusher,
+    ]
     return tfx.dsl.Pipeline(
         pipeline_name=pipeline_name,
         pipeline_root=pipeline_root,

@@ -153,4 +153,32 @@ def summarize_latest_run(metadata_path: str, pipeline_name: str) -> dict:
                 "annotations": report["annotations"],
                 "output_splits": report["output_splits"],
             }
+        _add_model_stage_outputs(summary, node, outputs)
     return summary
+
+
+def _add_model_stage_outputs(summary: dict, node: str, outputs: dict) -> None:
+    """Evaluation metrics, blessing, push destination and TensorBoard dir, when present."""
+    if node == "Trainer" and outputs.get("model_run"):
+        summary["tensorboard"] = outputs["model_run"][0].uri
+    if node == "MaskEvaluator" and outputs.get("evaluation"):
+        evaluation = outputs["evaluation"][0]
+        metrics_path = os.path.join(evaluation.uri, "metrics.json")
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        summary["evaluation"] = {
+            "metrics_path": metrics_path,
+            "segm": {k: metrics["segm"][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+            "box_AP": metrics["bbox"]["AP"],
+        }
+    if node == "MaskEvaluator" and outputs.get("blessing"):
+        blessing = outputs["blessing"][0]
+        summary["blessed"] = bool(blessing.custom_properties["blessed"].int_value)
+        if "blessing_message" in blessing.custom_properties:
+            summary["blessing_message"] = blessing.custom_properties[
+                "blessing_message"
+            ].string_value
+    if node == "Pusher" and outputs.get("pushed_model"):
+        pushed = outputs["pushed_model"][0].custom_properties
+        if "pushed" in pushed and pushed["pushed"].int_value == 1:
+            summary["pushed_to"] = pushed["pushed_destination"].string_value
