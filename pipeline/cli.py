@@ -20,12 +20,22 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.local_runner import dumps, format_summary, run_local
+    import json
 
+    from pipeline.local_runner import dumps, format_summary, run_local
+    from pipeline.pipeline import TrainingSpec
+
+    training = TrainingSpec(
+        train_steps=args.train_steps,
+        custom_config=json.loads(args.custom_config) if args.custom_config else {},
+        min_mask_ap=args.min_mask_ap,
+        max_regression=args.max_regression,
+    )
     summary = run_local(
         args.coco_dir,
         args.output_dir,
         experiment=args.config,
+        training=training,
         max_reject_fraction=args.max_reject_fraction,
         enable_cache=not args.no_cache,
     )
@@ -149,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default="outputs")
     run.add_argument("--config", default="demo_cpu", help="named experiment (models/config.py)")
     run.add_argument("--max-reject-fraction", type=float, default=0.05)
+    run.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="training steps (default: the recipe's epochs)",
+    )
+    run.add_argument(
+        "--custom-config",
+        default=None,
+        help='JSON for the Trainer run_fn, e.g. \'{"overrides": {"train": {"batch_size": 4}}}\'',
+    )
+    run.add_argument("--min-mask-ap", type=float, default=0.0, help="blessing threshold (mask AP)")
+    run.add_argument(
+        "--max-regression", type=float, default=0.01, help="allowed AP drop vs the blessed baseline"
+    )
     run.add_argument("--no-cache", action="store_true")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(func=_run)

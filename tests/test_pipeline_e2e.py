@@ -1,4 +1,16 @@
-"""The local pipeline end to end: LocalDagRunner, SQLite MLMD, Beam DirectRunner, demo data."""
+"""The local pipeline end to end: LocalDagRunner, SQLite MLMD, Beam DirectRunner, demo data.
+
+One session-scoped sequence of runs on one pipeline root exercises caching, the blessing gate
+in both directions and partial re-execution:
+
+  A: fresh run, blessing threshold 0          -> every component completes, model pushed
+  B: the same again                            -> everything cached but MaskEvaluator and
+     Pusher: the latest-blessed resolver now returns model A as the baseline (there was none
+     in A), so the evaluator's inputs changed. This happens once after a first blessing.
+  C: the same again                            -> every component cached
+  D: blessing threshold 0.99                   -> only MaskEvaluator and Pusher re-run; no push
+  E: one more training step (threshold 0.99)   -> Trainer and downstream re-run, upstream cached
+"""
 
 from __future__ import annotations
 
@@ -6,54 +18,136 @@ import json
 import os
 
 import pytest
+import tensorflow as tf
 from tensorflow_metadata.proto.v0 import anomalies_pb2
 
 from pipeline.demo_data import generate_demo_dataset
 from pipeline.local_runner import format_summary, run_local
+from pipeline.pipeline import TrainingSpec
+from pipeline.runs import lineage
 
 pytestmark = pytest.mark.e2e
 
-EXPECTED_COMPONENTS = {
+UPSTREAM = {
     "CocoExampleGen",
     "StatisticsGen",
     "ImportSchemaGen",
     "ExampleValidator",
     "SoloTargetGen",
 }
+MODEL_STAGES = {"Trainer", "latest_blessed_model_resolver", "MaskEvaluator", "Pusher"}
+# A narrow demo model so that the e2e runs stay short on 2 cores (widths only: no geometry).
+TINY = {
+    "overrides": {
+        "model": {
+            "fpn_channels": 32,
+            "head_channels": 32,
+            "kernel_channels": 32,
+            "mask_mid_channels": 32,
+        },
+        "train": {"batch_size": 2},
+    },
+    "checkpoint_every": 1,
+}
+
+
+def _training(steps: int, min_mask_ap: float) -> TrainingSpec:
+    return TrainingSpec(train_steps=steps, custom_config=TINY, min_mask_ap=min_mask_ap)
 
 
 @pytest.fixture(scope="session")
-def local_runs(tmp_path_factory):
-    """Two runs of the same pipeline on the same data: the second must be fully cached."""
+def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data_dir = str(root / "demo")
-    generate_demo_dataset(data_dir, num_train=8, num_val=4)
-    first = run_local(data_dir, str(root / "out"))
-    second = run_local(data_dir, str(root / "out"))
-    return first, second
+    out = str(root / "out")
+    generate_demo_dataset(data_dir, num_train=6, num_val=3)
+    runs = {
+        "A": run_local(data_dir, out, training=_training(2, 0.0)),
+        "B": run_local(data_dir, out, training=_training(2, 0.0)),
+        "C": run_local(data_dir, out, training=_training(2, 0.0)),
+    }
+    versions_before = sorted(os.listdir(os.path.join(out, "serving", "solov2")))
+    runs["D"] = run_local(data_dir, out, training=_training(2, 0.99))
+    runs["E"] = run_local(data_dir, out, training=_training(3, 0.99))
+    runs["versions_before_D"] = versions_before
+    return out, runs
 
 
-def test_every_component_ran_once_and_completed(local_runs):
-    first, _ = local_runs
-    states = {c["id"]: c["state"] for c in first["components"]}
-    assert set(states) == EXPECTED_COMPONENTS
-    assert len(first["components"]) == len(EXPECTED_COMPONENTS)
+def _states(run: dict) -> dict[str, str]:
+    return {c["id"]: c["state"] for c in run["components"]}
+
+
+def test_fresh_run_completes_every_component_once(e2e):
+    _, runs = e2e
+    states = _states(runs["A"])
+    assert set(states) == UPSTREAM | MODEL_STAGES
+    assert len(runs["A"]["components"]) == len(states)  # Each exactly once.
     assert set(states.values()) == {"complete"}
-    text = format_summary(first)
-    assert "Ingestion report:" in text and "CocoExampleGen" in text
+    text = format_summary(runs["A"])
+    for needle in ("Ingestion report:", "Mask AP", "Blessed: yes", "Pushed model:", "TensorBoard"):
+        assert needle in text
 
 
-def test_rerun_with_nothing_changed_is_fully_cached(local_runs):
-    first, second = local_runs
-    assert second["run_id"] != first["run_id"]
-    assert {c["state"] for c in second["components"]} == {"cached"}
-    outputs = lambda run: {c["id"]: c["outputs"] for c in run["components"]}  # noqa: E731
-    assert outputs(second) == outputs(first)
+def test_first_rerun_reevaluates_against_the_new_baseline_only(e2e):
+    _, runs = e2e
+    states = _states(runs["B"])
+    for node in UPSTREAM | {"Trainer"}:
+        assert states[node] == "cached", node
+    assert states["MaskEvaluator"] == "complete"
 
 
-def test_examples_validate_against_the_schema(local_runs):
-    first, _ = local_runs
-    validator = next(c for c in first["components"] if c["id"] == "ExampleValidator")
+def test_rerun_with_nothing_changed_is_fully_cached(e2e):
+    _, runs = e2e
+    assert len({runs[k]["run_id"] for k in "ABC"}) == 3
+    states = _states(runs["C"])
+    # The resolver is not an execution that can be cached; everything else is.
+    assert {s for n, s in states.items() if n != "latest_blessed_model_resolver"} == {"cached"}
+
+
+def test_failing_threshold_reruns_only_the_gate_and_does_not_push(e2e):
+    out, runs = e2e
+    states = _states(runs["D"])
+    for node in UPSTREAM | {"Trainer"}:
+        assert states[node] == "cached", node
+    assert states["MaskEvaluator"] == states["Pusher"] == "complete"
+    assert runs["D"]["blessed"] is False
+    assert "pushed_to" not in runs["D"]
+    # No new version appeared in the serving directory.
+    versions = sorted(os.listdir(os.path.join(out, "serving", "solov2")))
+    assert versions == runs["versions_before_D"] and all(v.isdigit() for v in versions)
+
+
+def test_changing_a_training_parameter_reruns_trainer_and_downstream_only(e2e):
+    _, runs = e2e
+    states = _states(runs["E"])
+    for node in UPSTREAM:
+        assert states[node] == "cached", node
+    for node in ("Trainer", "MaskEvaluator", "Pusher"):
+        assert states[node] == "complete", node
+
+
+def test_pushed_layout_is_what_tf_serving_loads(e2e):
+    out, runs = e2e
+    pushed = runs["A"]["pushed_to"]
+    assert os.path.dirname(pushed) == os.path.join(out, "serving", "solov2")
+    assert os.path.exists(os.path.join(pushed, "saved_model.pb"))
+    assert os.path.isdir(os.path.join(pushed, "variables"))
+    loaded = tf.saved_model.load(pushed)
+    assert {"serving_default", "serving_bytes"} <= set(loaded.signatures)
+
+
+def test_evaluation_metrics_are_complete(e2e):
+    _, runs = e2e
+    evaluation = runs["A"]["evaluation"]
+    with open(evaluation["metrics_path"]) as f:
+        metrics = json.load(f)
+    assert len(metrics["segm"]) == 12 and len(metrics["bbox"]) == 12
+    assert all(-1.0 <= v <= 1.0 for v in metrics["segm"].values())
+
+
+def test_examples_validate_against_the_schema(e2e):
+    _, runs = e2e
+    validator = next(c for c in runs["A"]["components"] if c["id"] == "ExampleValidator")
     (anomalies_uri,) = validator["outputs"]["anomalies"]
     for split in ("train", "eval"):
         with open(os.path.join(anomalies_uri, f"Split-{split}", "SchemaDiff.pb"), "rb") as f:
@@ -61,10 +155,18 @@ def test_examples_validate_against_the_schema(local_runs):
         assert not anomalies.anomaly_info, dict(anomalies.anomaly_info)
 
 
-def test_ingestion_report_is_reachable_from_mlmd(local_runs):
-    first, _ = local_runs
-    report = first["ingestion_report"]
+def test_ingestion_report_is_reachable_from_mlmd(e2e):
+    _, runs = e2e
+    report = runs["A"]["ingestion_report"]
     with open(report["path"]) as f:
         full = json.load(f)
-    assert full["images"] == report["images"] == {"in": 12, "written": 12, "rejected": 0}
-    assert report["output_splits"]["train"]["images"] == 8
+    assert full["images"] == report["images"] == {"in": 9, "written": 9, "rejected": 0}
+
+
+def test_lineage_traces_the_pushed_model_to_the_input_files(e2e):
+    out, runs = e2e
+    traced = lineage(os.path.join(out, "metadata.sqlite"), "solov2", runs["A"]["run_id"])
+    text = json.dumps(traced)
+    for node in ("Pusher", "MaskEvaluator", "Trainer", "SoloTargetGen", "CocoExampleGen"):
+        assert node in text, node
+    assert "instances_train.json" in text and "instances_val.json" in text
