@@ -140,16 +140,25 @@ def resolve_run(
 # Records (plain dicts, JSON-ready)
 
 
+# System nodes that run on every pipeline run and are never cached (they only query MLMD).
+_ALWAYS_RUN_TYPES = ("tfx.dsl.components.common.resolver.Resolver",)
+
+
 def run_state(executions: list[Execution]) -> str:
-    """failed > running > cached (every execution reused) > complete."""
+    """failed > running > cached (every component execution reused) > complete.
+
+    Resolver executions are left out of the cached/complete decision: they query MLMD anew on
+    every run by design, so a run whose components were all reused still counts as cached.
+    """
     states = {state_name(e) for e in executions}
+    component_states = {state_name(e) for e in executions if e.type not in _ALWAYS_RUN_TYPES}
     if not states:
         return "unknown"
     if states & {"failed", "canceled"}:
         return "failed"
     if states & {"new", "running", "unknown", "?"}:
         return "running"
-    return "cached" if states == {"cached"} else "complete"
+    return "cached" if component_states == {"cached"} else "complete"
 
 
 def _time(ms: int) -> str:
