@@ -1,0 +1,396 @@
+"""Trainer tests: schedule, optimizer, multi-replica parity, mixed precision, resume, overfitting.
+
+All on `tests.train_utils.tiny_config` (demo_cpu shrunk, 128-pixel pad) and four demo images
+that went through CocoExampleGen + TargetMaker, i.e. the Trainer's real input.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tfx.components.trainer.fn_args_utils import FnArgs
+
+from components.solo_targets.transform import decode_rle_masks
+from models import train as train_lib
+from models.postprocess import paste_masks
+from models.schedule import WarmupDecaySchedule, epoch_boundaries, schedule_from_config
+from schemas import features
+from tests import train_utils
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def examples_dir(tmp_path_factory) -> str:
+    return train_utils.shared_training_examples(tmp_path_factory)
+
+
+def _train_pattern(examples_dir: str) -> str:
+    return os.path.join(examples_dir, "Split-train", "*")
+
+
+def _subprocess_env() -> dict:
+    return dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule and optimizer against plain Python references
+
+
+def mmcv_lr(step, *, lr, total, warmup, ratio, step_epochs, epochs, decay, policy):
+    """mmcv 1.x `LrUpdaterHook`: epoch-based StepLr or iteration-based CosineAnnealing, with
+    `_get_warmup_lr` linear warmup (`total` a multiple of `epochs` here)."""
+    if policy == "step":
+        epoch = step // (total // epochs)
+        regular = lr * decay ** sum(epoch >= s for s in step_epochs)
+    else:
+        regular = 0.0 + 0.5 * (lr - 0.0) * (math.cos(math.pi * step / total) + 1)
+    if step < warmup:
+        return regular * (1 - (1 - step / warmup) * (1 - ratio))
+    return regular
+
+
+@pytest.mark.parametrize(
+    "policy,warmup,step_epochs",
+    [("step", 50, (9, 11)), ("step", 0, (3,)), ("cosine", 50, ()), ("cosine", 0, ())],
+)
+def test_schedule_matches_mmcv_reference(policy, warmup, step_epochs):
+    train = train_utils.tiny_config(
+        base_lr=0.01,
+        batch_size=8,
+        warmup_iters=warmup,
+        warmup_ratio=0.01,
+        schedule=policy,
+        lr_steps=step_epochs,
+        epochs=12,
+    ).train
+    total = 240
+    schedule = schedule_from_config(train, total)
+    steps = np.arange(total + 1)
+    got = np.array([float(schedule(s)) for s in steps])
+    want = [
+        mmcv_lr(
+            s,
+            lr=0.005,  # 0.01 at 16 images, scaled to 8.
+            total=total,
+            warmup=warmup,
+            ratio=0.01,
+            step_epochs=step_epochs,
+            epochs=12,
+            decay=0.1,
+            policy=policy,
+        )
+        for s in steps
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)  # float32
+    # Serializable: a Keras round trip gives the same schedule.
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert isinstance(clone, WarmupDecaySchedule)
+    assert clone.get_config() == schedule.get_config()
+
+
+def test_epoch_boundaries_round_half_up():
+    assert epoch_boundaries((9, 11), 12, 1000) == (750, 917)  # 916.67 -> 917
+    assert epoch_boundaries((9, 11), 12, 6) == (5, 6)  # 4.5 -> 5, 5.5 -> 6
+    assert epoch_boundaries((27, 33), 36, 36) == (27, 33)
+
+
+def test_torch_sgd_matches_pytorch_update_rule():
+    """g += wd * w; b = m * b + g; w -= lr * b, with the lr read from a schedule each step."""
+    schedule = WarmupDecaySchedule(0.1, total_steps=4, boundaries=(2,), decay=0.5)
+    optimizer = train_lib.TorchSGD(learning_rate=schedule, momentum=0.9, l2=0.01)
+    variable = keras.Variable(np.array([1.0, -2.0, 3.0], np.float32))
+    rng = np.random.default_rng(0)
+    w, buffer = variable.numpy().astype(np.float64), np.zeros(3)
+    for step in range(4):
+        grad = rng.standard_normal(3).astype(np.float32)
+        optimizer.apply([tf.constant(grad)], [variable])
+        g = grad + 0.01 * w
+        buffer = 0.9 * buffer + g
+        w = w - (0.1 if step < 2 else 0.05) * buffer
+    np.testing.assert_allclose(variable.numpy(), w, rtol=1e-6)
+    assert int(optimizer.iterations.numpy()) == 4
+    restored = train_lib.TorchSGD.from_config(optimizer.get_config())
+    assert restored.l2 == 0.01 and restored.momentum == 0.9
+
+
+def test_custom_config_overrides_round_trip():
+    config = train_utils.tiny_config()
+    custom = json.loads(
+        json.dumps({"experiment": "demo_cpu", "overrides": train_utils.tiny_overrides(config)})
+    )
+    assert train_lib.experiment_from_custom_config(custom) == config
+    assert train_lib.experiment_from_custom_config(None) == train_lib.get_experiment("demo_cpu")
+    with pytest.raises(ValueError, match="overrides keys"):
+        train_lib.experiment_from_custom_config({"overrides": {"optimizer": {}}})
+
+
+def test_auto_strategy_on_one_cpu_is_the_default_strategy(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    strategy = train_lib.make_strategy("auto")
+    assert strategy is tf.distribute.get_strategy()
+    assert train_lib.is_chief(strategy)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]}}))
+    assert train_lib._num_workers() == 2
+    with pytest.raises(ValueError, match="strategy"):
+        train_lib.make_strategy("horovod")
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-replica parity (logical CPU devices must be configured before TF initialises)
+
+MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from models.train import SOLOv2Trainer, make_dataset
+    from tests.train_utils import tiny_config
+
+    config = tiny_config(norm_eval=True)  # Global batch 4; frozen BN (official norm_eval).
+    batch = next(iter(make_dataset(sys.argv[1], config, 4, seed=0)))
+    single = SOLOv2Trainer(config, 10)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    multi = SOLOv2Trainer(config, 10, strategy=strategy)
+    multi.model.set_weights(single.model.get_weights())
+    dist = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(batch).batch(4))
+    dist_batch = next(iter(dist))
+    steps = []
+    for _ in range(2):
+        a, b = single.train_step(batch), multi.train_step(dist_batch)
+        steps.append({k: [float(a[k]), float(b[k])] for k in a})
+    diffs = [float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-6))
+             for x, y in zip(single.model.get_weights(), multi.model.get_weights())]
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync,
+        "steps": steps,
+        "max_relative_weight_diff": max(diffs),
+        "iterations": [int(t.optimizer.iterations.numpy()) for t in (single, multi)],
+    }))
+    """
+)
+
+
+def test_mirrored_two_replicas_match_single_device(examples_dir):
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT, _train_pattern(examples_dir)],
+        cwd=REPO_ROOT,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2
+    for step in report["steps"]:
+        for key in ("category_loss", "mask_loss", "total_loss", "num_positives", "grad_norm"):
+            single, multi = step[key]
+            assert multi == pytest.approx(single, rel=1e-5), (key, step)
+    # Gradients are summed once (not once more by Keras) and clipped on the global gradient.
+    assert report["max_relative_weight_diff"] < 1e-5
+    assert report["iterations"] == [2, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_step(examples_dir, policy):
+    config = train_utils.tiny_config(batch_size=1)  # float16 convolutions are slow on CPU.
+    trainer = train_lib.SOLOv2Trainer(config, 10, mixed_precision=policy, max_positives=64)
+    assert keras.config.dtype_policy().name == "float32"  # Restored after building.
+    assert trainer.model.dtype_policy.name == policy
+    assert all(v.dtype == "float32" for v in trainer.model.trainable_variables)
+    batch = next(iter(train_lib.make_dataset(_train_pattern(examples_dir), config, 1, seed=0)))
+    before = [v.numpy() for v in trainer.model.trainable_variables[:3]]
+    metrics = trainer.train_step(batch)
+    for key in ("category_loss", "mask_loss", "total_loss", "grad_norm"):
+        assert metrics[key].dtype == tf.float32
+        assert np.isfinite(metrics[key].numpy()), key
+    assert metrics["total_loss"].numpy() > 0
+    assert int(trainer.optimizer.iterations.numpy()) == 1
+    assert any(
+        not np.array_equal(b, v.numpy())
+        for b, v in zip(before, trainer.model.trainable_variables[:3])
+    )
+    if policy == "mixed_float16":
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert metrics["loss_scale"].numpy() == 2.0**15
+    exported = trainer.float32_model()
+    assert exported.dtype_policy.name == "float32"
+    np.testing.assert_array_equal(exported.get_weights()[0], trainer.model.get_weights()[0])
+
+
+# --------------------------------------------------------------------------------------------
+# run_fn: killed, re-run, resumed
+
+RUN_FN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, types
+    from models.train import run_fn
+    run_fn(types.SimpleNamespace(**json.loads(sys.argv[1])))
+    """
+)
+RESUME_TOTAL_STEPS = 12
+RESUME_CHECKPOINT_EVERY = 3
+
+
+def test_killed_run_fn_resumes_from_checkpoint(examples_dir, tmp_path):
+    config = train_utils.tiny_config()
+    checkpoint_dir = str(tmp_path / "checkpoints")
+    fn_args = {
+        "train_files": [_train_pattern(examples_dir)],
+        "eval_files": [os.path.join(examples_dir, "Split-eval", "*")],
+        "train_steps": RESUME_TOTAL_STEPS,
+        "model_run_dir": str(tmp_path / "model_run"),
+        "serving_model_dir": str(tmp_path / "model" / "Format-Serving"),
+        "custom_config": {
+            "experiment": "demo_cpu",
+            "overrides": train_utils.tiny_overrides(config),
+            "strategy": "default",
+            "checkpoint_every": RESUME_CHECKPOINT_EVERY,
+            "log_every": 3,
+            "checkpoint_dir": checkpoint_dir,
+            "seed": 0,
+        },
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUN_FN_SCRIPT, json.dumps(fn_args)],
+        cwd=REPO_ROOT,
+        env=_subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 400
+    try:
+        while not glob.glob(os.path.join(checkpoint_dir, "ckpt-*.index")):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.1)
+        assert process.poll() is None, "training finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    assert not os.path.exists(fn_args["serving_model_dir"])
+
+    result = train_lib.run_fn(FnArgs(**fn_args))
+    assert 0 < result["start_step"] < RESUME_TOTAL_STEPS
+    assert result["start_step"] % RESUME_CHECKPOINT_EVERY == 0
+    assert result["final_step"] == RESUME_TOTAL_STEPS
+    assert np.isfinite(result["metrics"]["total_loss"])
+
+    # The last checkpoint holds every update: the optimizer's iterations were restored, not reset.
+    trainer = train_lib.SOLOv2Trainer(config, RESUME_TOTAL_STEPS)
+    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    assert latest.endswith(f"ckpt-{RESUME_TOTAL_STEPS}")
+    trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+    assert int(trainer.step.numpy()) == RESUME_TOTAL_STEPS
+    assert int(trainer.optimizer.iterations.numpy()) == RESUME_TOTAL_STEPS
+
+    # Export with the category map of the Examples artifact; TensorBoard scalars.
+    serving = fn_args["serving_model_dir"]
+    assert os.path.exists(os.path.join(serving, "saved_model.pb"))
+    with open(os.path.join(serving, "assets.extra", features.CATEGORY_MAP_FILENAME)) as f:
+        embedded = json.load(f)["categories"]
+    assert [c["coco_id"] for c in embedded] == [
+        c["coco_id"] for c in train_utils.read_category_map(examples_dir)
+    ]
+    tags = set()
+    for path in glob.glob(os.path.join(fn_args["model_run_dir"], "train", "events.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            tags.update(value.tag for value in event.summary.value)
+    assert {
+        "category_loss",
+        "mask_loss",
+        "total_loss",
+        "learning_rate",
+        "images_per_second",
+        "num_positives",
+    } <= tags
+
+
+# --------------------------------------------------------------------------------------------
+# Learning: overfit four demo images, then detect through the exported SavedModel
+
+OVERFIT_STEPS = 200
+MIN_MEDIUM_LARGE_IOU = 0.5
+MIN_ALL_IOU = 0.3
+
+
+def best_match_ious(examples, outputs) -> tuple[np.ndarray, np.ndarray]:
+    """Per non-crowd GT instance: best same-class mask IoU over the detections, and its area."""
+    ious, areas = [], []
+    for i, example in enumerate(examples):
+        feature = example.features.feature
+        gt_masks = decode_rle_masks(example).astype(bool)
+        crowd = np.asarray(feature[features.OBJECT_IS_CROWD].int64_list.value) == 1
+        gt_classes = np.asarray(feature[features.OBJECT_CLASS].int64_list.value)
+        n = int(outputs["num_detections"][i])
+        masks = paste_masks(outputs["masks"][i][:n], outputs["image_info"][i]).numpy()
+        classes = outputs["classes"][i][:n].numpy()
+        for gt, is_crowd, gt_class in zip(gt_masks, crowd, gt_classes):
+            if is_crowd:
+                continue
+            same = masks[classes == gt_class]
+            inter = (same & gt).sum(axis=(1, 2))
+            union = (same | gt).sum(axis=(1, 2))
+            ious.append(float((inter / np.maximum(union, 1)).max()) if len(same) else 0.0)
+            areas.append(int(gt.sum()))
+    return np.array(ious), np.array(areas)
+
+
+@pytest.mark.slow
+def test_overfits_four_demo_images(examples_dir, tmp_path):
+    # Official recipe semantics (SGD 0.9, coupled wd, warmup, step decay at epoch 11/12, clip
+    # 35); lr 0.02 at batch 4 and 30 warmup steps so a random-init model fits in 200 steps.
+    config = train_utils.tiny_config(base_lr=0.08, warmup_iters=30, flip_prob=0.0)
+    result = train_lib.train(
+        config,
+        _train_pattern(examples_dir),
+        str(tmp_path / "run"),
+        str(tmp_path / "serving"),
+        OVERFIT_STEPS,
+        strategy="default",
+        log_every=50,
+        checkpoint_every=OVERFIT_STEPS,
+        category_map=train_utils.read_category_map(examples_dir),
+        max_positives=128,
+        seed=1,
+    )
+    assert result["metrics"]["total_loss"] < 1.0  # From about 3.6 at initialisation.
+
+    loaded = tf.saved_model.load(str(tmp_path / "serving"))
+    examples = train_utils.read_split(examples_dir, "train")
+    outputs = loaded.signatures["serving_bytes"](
+        images=tf.constant(train_utils.encoded_images(examples))
+    )
+    ious, areas = best_match_ious(examples, outputs)
+    medium_large = areas >= 32 * 32  # COCO medium + large, at the original resolution.
+    print(
+        f"overfit: loss {result['metrics']['total_loss']:.3f}, mean IoU all {ious.mean():.3f} "
+        f"({len(ious)}), medium+large {ious[medium_large].mean():.3f} ({medium_large.sum()})"
+    )
+    assert medium_large.sum() >= 8
+    assert ious[medium_large].mean() >= MIN_MEDIUM_LARGE_IOU
+    assert ious.mean() >= MIN_ALL_IOU
