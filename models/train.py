@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -583,6 +584,25 @@ def steps_from_epochs(examples_dir: str, train_config: TrainConfig) -> int:
     return math.ceil(train_config.epochs * images / train_config.batch_size)
 
 
+def keyed_checkpoint_dir(custom_config: Mapping, fn_args) -> str | None:
+    """`checkpoint_dir/<key>`, the key a hash of this Trainer's inputs and settings.
+
+    TFX gives every Trainer execution a fresh `model_run_dir`, so resuming a killed run needs a
+    stable directory; keying it by the input files, the custom config and the step count means
+    a re-run of the same execution resumes, while any change starts from scratch.
+    """
+    base = custom_config.get("checkpoint_dir")
+    if not base:
+        return None
+    identity = {
+        "train_files": sorted(fn_args.train_files),
+        "train_steps": fn_args.train_steps,
+        "custom_config": {k: v for k, v in custom_config.items() if k != "checkpoint_dir"},
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return os.path.join(base, digest[:16])
+
+
 def run_fn(fn_args) -> dict:
     """TFX Trainer entry point (GenericExecutor); see `train` for what it does (and returns).
 
@@ -612,7 +632,7 @@ def run_fn(fn_args) -> dict:
         mixed_precision=custom_config.get("mixed_precision"),
         checkpoint_every=int(custom_config.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)),
         log_every=int(custom_config.get("log_every", DEFAULT_LOG_EVERY)),
-        checkpoint_dir=custom_config.get("checkpoint_dir"),
+        checkpoint_dir=keyed_checkpoint_dir(custom_config, fn_args),
         category_map=category_map,
         seed=custom_config.get("seed"),
     )

@@ -280,7 +280,8 @@ def test_killed_run_fn_resumes_from_checkpoint(examples_dir, tmp_path):
     )
     deadline = time.monotonic() + 400
     try:
-        while not glob.glob(os.path.join(checkpoint_dir, "ckpt-*.index")):
+        # run_fn keys a subfolder by its inputs and config (models.train.keyed_checkpoint_dir).
+        while not glob.glob(os.path.join(checkpoint_dir, "*", "ckpt-*.index")):
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.1)
@@ -301,7 +302,9 @@ def test_killed_run_fn_resumes_from_checkpoint(examples_dir, tmp_path):
 
     # The last checkpoint holds every update: the optimizer's iterations were restored, not reset.
     trainer = train_lib.SOLOv2Trainer(config, RESUME_TOTAL_STEPS)
-    latest = tf.train.latest_checkpoint(checkpoint_dir)
+    (keyed_dir,) = glob.glob(os.path.join(checkpoint_dir, "*"))
+    assert keyed_dir == train_lib.keyed_checkpoint_dir(fn_args["custom_config"], FnArgs(**fn_args))
+    latest = tf.train.latest_checkpoint(keyed_dir)
     assert latest.endswith(f"ckpt-{RESUME_TOTAL_STEPS}")
     trainer.checkpoint.restore(latest).assert_existing_objects_matched()
     assert int(trainer.step.numpy()) == RESUME_TOTAL_STEPS
