@@ -51,6 +51,7 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = (None, "mixed_float16", "mixed_bfloat16")
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_LOG_EVERY = 50
+_LOGGER = logging.getLogger(__name__)
 DEFAULT_SHUFFLE_BUFFER = 512
 # Instances per image when the batch needs a static shape (TPU).
 DEFAULT_TPU_MAX_INSTANCES = 100
@@ -140,7 +141,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
         except (ValueError, RuntimeError, tf.errors.OpError):
             if name == "tpu":
                 raise
-            logging.info("No TPU found; falling back.")
+            _LOGGER.info("No TPU found; falling back.")
     if name == "multi_worker" or (name == "auto" and _num_workers() > 1):
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored" or (name == "auto" and len(tf.config.list_physical_devices("GPU")) > 1):
@@ -457,7 +458,7 @@ def train(
     manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir, max_to_keep=3)
     if manager.latest_checkpoint:
         trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Restored %s at step %d", manager.latest_checkpoint, int(trainer.step.numpy()))
+        _LOGGER.info("Restored %s at step %d", manager.latest_checkpoint, int(trainer.step.numpy()))
     start_step = int(trainer.step.numpy())
 
     dataset = trainer.distribute(
@@ -491,7 +492,7 @@ def train(
             if step - interval_steps > start_step:  # Not the interval holding the tracing.
                 timed.append(elapsed / interval_steps)
             _write_summaries(writer, metrics, step)
-            logging.info("step %d/%d %s", step, total_steps, _format(metrics))
+            _LOGGER.info("step %d/%d %s", step, total_steps, _format(metrics))
             interval_start, interval_steps = time.perf_counter(), 0
         if step % checkpoint_every == 0:
             manager.save(checkpoint_number=step)

@@ -19,11 +19,26 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_progress_logs() -> None:
+    """Prints the project's own INFO logs (training progress) while TFX stays at WARNING."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("models", "components", "pipeline"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def _run(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.local_runner import dumps, format_summary, run_local
     from pipeline.pipeline import TrainingSpec
+
+    _show_progress_logs()
 
     training = TrainingSpec(
         train_steps=args.train_steps,
