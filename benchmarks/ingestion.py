@@ -46,12 +46,10 @@ def _tree_rss(process: psutil.Process) -> int:
 def _one(data_dir: str, runner: str, out_dir: str) -> dict:
     """Runs inside the subprocess: one ExampleGen execution, sampled for peak tree RSS."""
     sys.path.insert(0, REPO_ROOT)
-    from google.protobuf import message
     from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
     from tfx.types import standard_artifacts
-    from tfx.utils import proto_utils
 
-    from components.coco_example_gen.component import CocoExampleGen
+    from components.coco_example_gen.component import CocoExampleGen, executor_exec_properties
     from components.coco_example_gen.executor import CocoExecutor
 
     me = psutil.Process()
@@ -71,11 +69,7 @@ def _one(data_dir: str, runner: str, out_dir: str) -> dict:
             "eval": "annotations/instances_val.json",
         },
     )
-    props = {
-        k: proto_utils.proto_to_json(v) if isinstance(v, message.Message) else v
-        for k, v in component.exec_properties.items()
-        if v is not None
-    }
+    props = executor_exec_properties(component)
     examples = standard_artifacts.Examples()
     examples.uri = out_dir
     thread = threading.Thread(target=sample, daemon=True)

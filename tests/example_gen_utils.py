@@ -7,12 +7,10 @@ import json
 import os
 
 import tensorflow as tf
-from google.protobuf import message
 from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
 from tfx.types import standard_artifacts
-from tfx.utils import proto_utils
 
-from components.coco_example_gen.component import CocoExampleGen
+from components.coco_example_gen.component import CocoExampleGen, executor_exec_properties
 from components.coco_example_gen.executor import CocoExecutor
 from schemas import features
 
@@ -22,11 +20,7 @@ def run_example_gen(
 ) -> standard_artifacts.Examples:
     """Runs CocoExecutor.Do with the exec properties the component would pass."""
     component = CocoExampleGen(input_base, **component_kwargs)
-    exec_properties = {
-        key: proto_utils.proto_to_json(value) if isinstance(value, message.Message) else value
-        for key, value in component.exec_properties.items()
-        if value is not None
-    }
+    exec_properties = executor_exec_properties(component)
     examples = standard_artifacts.Examples()
     examples.uri = out_dir
     context = BaseBeamExecutor.Context(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import message, struct_pb2
 from tfx.components.example_gen.component import FileBasedExampleGen
 from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
+from tfx.utils import proto_utils
 
 from components.coco_example_gen.example_builder import DEFAULT_MAX_PIXELS
 from components.coco_example_gen.executor import DEFAULT_MAX_REJECT_FRACTION, CocoExecutor
@@ -79,3 +80,15 @@ def CocoExampleGen(  # noqa: N802 - reads like a component class at the call sit
         custom_config=custom_config,
         custom_executor_spec=executor_spec.BeamExecutorSpec(CocoExecutor),
     ).with_id("CocoExampleGen")
+
+
+def executor_exec_properties(component: FileBasedExampleGen) -> dict[str, Any]:
+    """The exec properties as the orchestrator hands them to `CocoExecutor.Do` (protos as JSON).
+
+    For running the executor directly, as the tests and benchmarks do.
+    """
+    return {
+        key: proto_utils.proto_to_json(value) if isinstance(value, message.Message) else value
+        for key, value in component.exec_properties.items()
+        if value is not None
+    }
