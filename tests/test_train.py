@@ -167,6 +167,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     multi = SOLOv2Trainer(config, 10, strategy=strategy)
     multi.model.set_weights(single.model.get_weights())
+    initial = single.model.get_weights()
     dist = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices(batch).batch(4))
     dist_batch = next(iter(dist))
@@ -174,12 +175,22 @@ MIRRORED_SCRIPT = textwrap.dedent(
     for _ in range(2):
         a, b = single.train_step(batch), multi.train_step(dist_batch)
         steps.append({k: [float(a[k]), float(b[k])] for k in a})
-    diffs = [float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-6))
-             for x, y in zip(single.model.get_weights(), multi.model.get_weights())]
+    # Compare the updates, not the weights: two float32 reductions in different orders differ
+    # by ~1e-6 per gradient element, which is large next to a tiny weight but not next to its
+    # update. A gradient summed twice (Keras on top of our all-reduce) would give a ratio of 1.
+    update_diffs, frozen_moved = [], 0.0
+    for w0, a, b in zip(initial, single.model.get_weights(), multi.model.get_weights()):
+        update_norm = float(np.linalg.norm(a - w0))
+        if update_norm == 0.0:
+            frozen_moved = max(frozen_moved, float(np.abs(b - w0).max()))
+        else:
+            update_diffs.append(float(np.linalg.norm((b - w0) - (a - w0))) / update_norm)
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
         "steps": steps,
-        "max_relative_weight_diff": max(diffs),
+        "max_relative_update_diff": max(update_diffs),
+        "median_relative_update_diff": float(np.median(update_diffs)),
+        "frozen_weights_moved": frozen_moved,
         "iterations": [int(t.optimizer.iterations.numpy()) for t in (single, multi)],
     }))
     """
@@ -203,7 +214,12 @@ def test_mirrored_two_replicas_match_single_device(examples_dir):
             single, multi = step[key]
             assert multi == pytest.approx(single, rel=1e-5), (key, step)
     # Gradients are summed once (not once more by Keras) and clipped on the global gradient.
-    assert report["max_relative_weight_diff"] < 1e-5
+    # Measured: median ~5e-7; max 1e-4 to 1.2e-3 from run to run (backbone kernels, whose
+    # gradients cross the most float32 reductions). Both bounds stay far below the 1.0 of a
+    # doubled gradient or the 0.5 of a missing replica.
+    assert report["median_relative_update_diff"] < 1e-4
+    assert report["max_relative_update_diff"] < 1e-2
+    assert report["frozen_weights_moved"] == 0.0
     assert report["iterations"] == [2, 2]
 
 
@@ -281,7 +297,9 @@ def test_killed_run_fn_resumes_from_checkpoint(examples_dir, tmp_path):
     deadline = time.monotonic() + 400
     try:
         # run_fn keys a subfolder by its inputs and config (models.train.keyed_checkpoint_dir).
-        while not glob.glob(os.path.join(checkpoint_dir, "*", "ckpt-*.index")):
+        # CheckpointManager writes the `checkpoint` state file last, after the ckpt-N files are
+        # complete; waiting for the index file alone can kill the run before the save is recorded.
+        while not glob.glob(os.path.join(checkpoint_dir, "*", "checkpoint")):
             assert process.poll() is None, process.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.1)
