@@ -49,6 +49,7 @@ from schemas import features
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = (None, "mixed_float16", "mixed_bfloat16")
+TRAINING_SUMMARY_FILENAME = "training_summary.json"  # in model_dir (the ModelRun artifact)
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_LOG_EVERY = 50
 _LOGGER = logging.getLogger(__name__)
@@ -436,8 +437,9 @@ def train(
       seed: seeds model initialisation and the input pipeline.
 
     Returns:
-      {"start_step", "final_step", "metrics" (last step, floats), "step_time" (mean seconds per
-      step after the first logged interval, or None), "serving_dir"}.
+      {"start_step", "final_step", "restored_from" (checkpoint path or None), "metrics" (last
+      step, floats), "step_time" (mean seconds per step after the first logged interval, or
+      None), "serving_dir"}. The chief also writes it to `model_dir/training_summary.json`.
     """
     config.validate()
     if isinstance(strategy, str):
@@ -456,9 +458,10 @@ def train(
     )
     checkpoint_dir = _worker_dir(checkpoint_dir or os.path.join(model_dir, "checkpoints"), chief)
     manager = tf.train.CheckpointManager(trainer.checkpoint, checkpoint_dir, max_to_keep=3)
-    if manager.latest_checkpoint:
-        trainer.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        _LOGGER.info("Restored %s at step %d", manager.latest_checkpoint, int(trainer.step.numpy()))
+    restored_from = manager.latest_checkpoint
+    if restored_from:
+        trainer.checkpoint.restore(restored_from).assert_existing_objects_matched()
+        _LOGGER.info("Restored %s at step %d", restored_from, int(trainer.step.numpy()))
     start_step = int(trainer.step.numpy())
 
     dataset = trainer.distribute(
@@ -507,13 +510,18 @@ def train(
         export.export_saved_model(trainer.float32_model(), config.model, export_dir, category_map)
         if not chief:
             tf.io.gfile.rmtree(export_dir)
-    return {
+    result = {
         "start_step": start_step,
         "final_step": step,
+        "restored_from": restored_from,
         "metrics": metrics,
         "step_time": sum(timed) / len(timed) if timed else None,
         "serving_dir": serving_dir,
     }
+    if chief:
+        with tf.io.gfile.GFile(os.path.join(model_dir, TRAINING_SUMMARY_FILENAME), "w") as f:
+            f.write(json.dumps(result, indent=2, sort_keys=True))
+    return result
 
 
 def _saved_at(manager: tf.train.CheckpointManager, step: int) -> bool:

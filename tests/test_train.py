@@ -315,6 +315,9 @@ def test_killed_run_fn_resumes_from_checkpoint(examples_dir, tmp_path):
     result = train_lib.run_fn(FnArgs(**fn_args))
     assert 0 < result["start_step"] < RESUME_TOTAL_STEPS
     assert result["start_step"] % RESUME_CHECKPOINT_EVERY == 0
+    assert result["restored_from"].endswith(f"ckpt-{result['start_step']}")
+    with open(os.path.join(fn_args["model_run_dir"], train_lib.TRAINING_SUMMARY_FILENAME)) as f:
+        assert json.load(f)["start_step"] == result["start_step"]
     assert result["final_step"] == RESUME_TOTAL_STEPS
     assert np.isfinite(result["metrics"]["total_loss"])
 
