@@ -300,7 +300,10 @@ def paste_masks(masks: tf.Tensor, image_info: tf.Tensor, mask_threshold: float =
     """
     soft = tf.cast(masks, tf.float32)
     if masks.dtype == tf.uint8:
-        soft = soft / 255.0
+        # Bilinear resizing is linear, so compare against the threshold in the quantised domain
+        # instead of dividing by 255 first: graph optimisation rewrites x / 255 as x * (1/255),
+        # which flipped a few pixels at the threshold between eager and tf.function callers.
+        mask_threshold = mask_threshold * 255.0
     quarter = tf.shape(soft)[1:3]
     up = tf.image.resize(soft[..., tf.newaxis], quarter * 4, method="bilinear")
     cropped = up[:, : image_info[2], : image_info[3], :]

@@ -169,9 +169,14 @@ def test_paste_masks_maps_detections_onto_the_original_image(exported, images):
         n = int(out["num_detections"][i])
         pasted = paste_masks(out["masks"][i][:n], out["image_info"][i])
         assert pasted.dtype == tf.bool and pasted.shape == (n, height, width)
-        # uint8 serving masks paste exactly like the float probabilities they encode.
+        # Eager and graph callers (predict vs the evaluator's tf.function) paste identically.
+        graph = tf.function(paste_masks)(out["masks"][i][:n], out["image_info"][i])
+        np.testing.assert_array_equal(pasted.numpy(), graph.numpy())
+        # uint8 serving masks paste like the float probabilities they encode, up to pixels
+        # whose interpolated value ties with the threshold (float rounding differs there).
         floats = tf.cast(out["masks"][i][:n], tf.float32) / 255.0
-        np.testing.assert_array_equal(pasted.numpy(), paste_masks(floats, out["image_info"][i]))
+        from_floats = paste_masks(floats, out["image_info"][i]).numpy()
+        assert np.mean(pasted.numpy() != from_floats) <= 1e-4
 
 
 def test_no_detections_give_zero_padded_outputs(model, examples_dir, images):
