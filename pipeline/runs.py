@@ -6,7 +6,9 @@ properties. Components are handled by artifact type, so new stages show up once 
 
   Examples          ingestion totals (`images_in`, ...) and `ingestion_report` (CocoExampleGen)
   ModelRun          the Trainer's TensorBoard log dir (its uri)
-  ModelEvaluation   metrics such as `mask_AP`; any artifact may carry a `report_html` path
+  ModelEvaluation   metrics such as `mask_AP`
+  VisualReport      RunReport's page (MLMD type `components.VisualReport`); any artifact may
+                    carry a `report_html` path to an HTML report
   ModelBlessing     `blessed` (1/0)
   PushedModel       `pushed` (1/0), `pushed_version`, `pushed_destination`
 
@@ -26,6 +28,7 @@ from typing import Any
 import ml_metadata as mlmd
 from ml_metadata.proto import metadata_store_pb2
 
+from components.run_report import REPORT_HTML_PROPERTY
 from pipeline.summary import (
     MetadataError,
     custom_properties,
@@ -55,7 +58,7 @@ QUIET_PROPERTIES = frozenset(
         "stats_dashboard_link",
         "sample_rate_by_split",
         "ingestion_report",
-        "report_html",
+        REPORT_HTML_PROPERTY,
     }
 )
 # Execution properties that name files a component read (besides ExampleGen's input_config).
@@ -235,8 +238,8 @@ def _reports(run: _Run) -> dict[str, str | None]:
             ingestion = property_value(props["ingestion_report"])
         if artifact.type == "ModelRun":
             tensorboard = artifact.uri
-        if "report_html" in props:
-            visual = property_value(props["report_html"])
+        if REPORT_HTML_PROPERTY in props:
+            visual = property_value(props[REPORT_HTML_PROPERTY])
     return {
         "ingestion_report": ingestion,
         "tensorboard_logdir": tensorboard,

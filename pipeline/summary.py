@@ -10,6 +10,8 @@ import ml_metadata as mlmd
 from google.protobuf import json_format
 from ml_metadata.proto import metadata_store_pb2
 
+from components.run_report import REPORT_HTML_PROPERTY
+
 STATE_NAMES = {
     metadata_store_pb2.Execution.UNKNOWN: "unknown",
     metadata_store_pb2.Execution.NEW: "new",
@@ -121,7 +123,8 @@ def outputs_by_execution(
 
 
 def summarize_latest_run(metadata_path: str, pipeline_name: str) -> dict:
-    """Components (state, duration, outputs) of the latest run, plus the ingestion report."""
+    """Components (state, duration, outputs) of the latest run, plus the ingestion report,
+    metrics, blessing, push, TensorBoard dir and visual report when the run has them."""
     store = open_store(metadata_path)
     all_runs = runs(store, pipeline_name)
     if not all_runs:
@@ -154,6 +157,10 @@ def summarize_latest_run(metadata_path: str, pipeline_name: str) -> dict:
                 "output_splits": report["output_splits"],
             }
         _add_model_stage_outputs(summary, node, outputs)
+        for artifact in (a for artifacts in outputs.values() for a in artifacts):
+            if REPORT_HTML_PROPERTY in artifact.custom_properties:  # RunReport's VisualReport
+                properties = artifact.custom_properties
+                summary["visual_report"] = properties[REPORT_HTML_PROPERTY].string_value
     return summary
 
 

@@ -123,6 +123,29 @@ def test_every_entry_point_in_the_spec_imports(compiled):
         assert issubclass(getattr(importlib.import_module(module), name), BaseExecutor), path
 
 
+def test_every_artifact_type_in_the_spec_imports_in_the_pods(compiled):
+    """A pod rebuilds each input and output artifact from its type's schema title, as TFX's
+    entrypoint does; a custom type (RunReport's VisualReport) is imported by that title."""
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_entrypoint_utils
+    from tfx.types.artifact import Artifact
+    from tfx.utils import import_utils
+
+    from components.run_report.component import VisualReport
+
+    type_names = set()
+    for component in compiled.spec.components.values():
+        for definitions in (
+            component.input_definitions.artifacts,
+            component.output_definitions.artifacts,
+        ):
+            for name, definition in definitions.items():
+                path = kubeflow_v2_entrypoint_utils._retrieve_class_path(definition.artifact_type)
+                artifact_class = import_utils.import_class_by_path(path)
+                assert issubclass(artifact_class, Artifact), (name, path)
+                type_names.add(artifact_class.TYPE_NAME)
+    assert VisualReport.TYPE_NAME in type_names
+
+
 def test_every_container_runs_the_given_image(compiled):
     for label, executor in compiled.deployment.executors.items():
         kind = executor.WhichOneof("spec")

@@ -281,6 +281,15 @@ def test_component_blesses_model_above_threshold(tmp_path, examples, models, ora
     assert set(detections[0]) == {"image_id", "category_id", "segmentation", "score"}
     with open(os.path.join(evaluation.uri, "summary.txt")) as f:
         assert "Average Precision" in f.read()
+    with open(os.path.join(evaluation.uri, "precision.npz"), "rb") as f:
+        table = coco_metrics.PrecisionTable.from_npz(f.read())
+    assert table.precision.shape == (10, 101, len(COCO_IDS), 4, 3)
+    assert set(table.category_ids.tolist()) == COCO_IDS
+    for k, category_id in enumerate(table.category_ids):  # The numbers per_category came from.
+        column = table.precision[:, :, k, 0, -1]
+        assert column[column > -1].mean() == pytest.approx(
+            metrics["per_category"][str(category_id)]["AP"], abs=1e-12
+        )
     eval_props = _custom_properties(evaluation)
     assert eval_props["mask_AP"] == pytest.approx(oracle_result["segm"]["AP"])
     assert eval_props["box_AP"] == pytest.approx(oracle_result["bbox"]["AP"])

@@ -4,11 +4,12 @@ One session-scoped sequence of runs on one pipeline root exercises caching, the 
 in both directions and partial re-execution:
 
   A: fresh run, blessing threshold 0          -> every component completes, model pushed
-  B: the same again                            -> everything cached but MaskEvaluator and
-     Pusher: the latest-blessed resolver now returns model A as the baseline (there was none
-     in A), so the evaluator's inputs changed. This happens once after a first blessing.
+  B: the same again                            -> everything cached but MaskEvaluator, Pusher
+     and RunReport: the latest-blessed resolver now returns model A as the baseline (there was
+     none in A), so the evaluator's inputs changed. This happens once after a first blessing.
   C: the same again                            -> every component cached
-  D: blessing threshold 0.99                   -> only MaskEvaluator and Pusher re-run; no push
+  D: blessing threshold 0.99                   -> only MaskEvaluator, Pusher and RunReport
+     re-run; no push, and still a report
   E: one more training step (threshold 0.99)   -> Trainer and downstream re-run, upstream cached
 """
 
@@ -16,15 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import tensorflow as tf
+from PIL import Image
 from tensorflow_metadata.proto.v0 import anomalies_pb2
 
+from components.run_report import report as run_report
+from components.run_report.component import REPORT_HTML_PROPERTY, VisualReport
 from pipeline.demo_data import generate_demo_dataset
 from pipeline.local_runner import format_summary, run_local
 from pipeline.pipeline import TrainingSpec
-from pipeline.runs import lineage
+from pipeline.runs import lineage, show_run
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +40,14 @@ UPSTREAM = {
     "ExampleValidator",
     "SoloTargetGen",
 }
-MODEL_STAGES = {"Trainer", "latest_blessed_model_resolver", "MaskEvaluator", "Pusher"}
+MODEL_STAGES = {
+    "Trainer",
+    "latest_blessed_model_resolver",
+    "MaskEvaluator",
+    "Pusher",
+    "RunReport",
+}
+NUM_EVAL_IMAGES = 3
 # A narrow demo model so that the e2e runs stay short on 2 cores (widths only: no geometry).
 TINY = {
     "overrides": {
@@ -60,7 +72,7 @@ def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data_dir = str(root / "demo")
     out = str(root / "out")
-    generate_demo_dataset(data_dir, num_train=6, num_val=3)
+    generate_demo_dataset(data_dir, num_train=6, num_val=NUM_EVAL_IMAGES)
     runs = {
         "A": run_local(data_dir, out, training=_training(2, 0.0)),
         "B": run_local(data_dir, out, training=_training(2, 0.0)),
@@ -84,7 +96,14 @@ def test_fresh_run_completes_every_component_once(e2e):
     assert len(runs["A"]["components"]) == len(states)  # Each exactly once.
     assert set(states.values()) == {"complete"}
     text = format_summary(runs["A"])
-    for needle in ("Ingestion report:", "Mask AP", "Blessed: yes", "Pushed model:", "TensorBoard"):
+    for needle in (
+        "Ingestion report:",
+        "Mask AP",
+        "Blessed: yes",
+        "Pushed model:",
+        "TensorBoard",
+        "Visual report: " + runs["A"]["visual_report"],
+    ):
         assert needle in text
 
 
@@ -93,7 +112,7 @@ def test_first_rerun_reevaluates_against_the_new_baseline_only(e2e):
     states = _states(runs["B"])
     for node in UPSTREAM | {"Trainer"}:
         assert states[node] == "cached", node
-    assert states["MaskEvaluator"] == "complete"
+    assert states["MaskEvaluator"] == states["RunReport"] == "complete"
 
 
 def test_rerun_with_nothing_changed_is_fully_cached(e2e):
@@ -109,7 +128,7 @@ def test_failing_threshold_reruns_only_the_gate_and_does_not_push(e2e):
     states = _states(runs["D"])
     for node in UPSTREAM | {"Trainer"}:
         assert states[node] == "cached", node
-    assert states["MaskEvaluator"] == states["Pusher"] == "complete"
+    assert states["MaskEvaluator"] == states["Pusher"] == states["RunReport"] == "complete"
     assert runs["D"]["blessed"] is False
     assert "pushed_to" not in runs["D"]
     # No new version appeared in the serving directory.
@@ -122,7 +141,7 @@ def test_changing_a_training_parameter_reruns_trainer_and_downstream_only(e2e):
     states = _states(runs["E"])
     for node in UPSTREAM:
         assert states[node] == "cached", node
-    for node in ("Trainer", "MaskEvaluator", "Pusher"):
+    for node in ("Trainer", "MaskEvaluator", "Pusher", "RunReport"):
         assert states[node] == "complete", node
 
 
@@ -134,6 +153,35 @@ def test_pushed_layout_is_what_tf_serving_loads(e2e):
     assert os.path.isdir(os.path.join(pushed, "variables"))
     loaded = tf.saved_model.load(pushed)
     assert {"serving_default", "serving_bytes"} <= set(loaded.signatures)
+
+
+def test_each_run_that_evaluates_writes_a_visual_report_recorded_in_mlmd(e2e):
+    out, runs = e2e
+    figures = {
+        run_report.PR_CURVES_FILENAME,
+        run_report.CATEGORY_AP_FILENAME,
+        run_report.LOSS_CURVES_FILENAME,  # The Trainer's own TensorBoard logs.
+        run_report.TRAINING_SCALARS_FILENAME,
+    }
+    for key in ("A", "D"):  # Blessed and pushed; not blessed.
+        record = show_run(os.path.join(out, "metadata.sqlite"), "solov2", runs[key]["run_id"])
+        (component,) = [c for c in record["components"] if c["id"] == "RunReport"]
+        (artifact,) = component["outputs"]["report"]
+        assert artifact["type"] == VisualReport.TYPE_NAME
+        index = artifact["custom_properties"][REPORT_HTML_PROPERTY]
+        assert index == os.path.join(artifact["uri"], run_report.REPORT_FILENAME)
+        assert index == record["reports"]["visual_report"] == runs[key]["visual_report"]
+        with open(index) as f:
+            sources = re.findall(r'<img src="([^"]+)"', f.read())
+        assert figures <= set(sources)
+        predictions = [s for s in sources if s.startswith(run_report.PREDICTIONS_DIRNAME + "/")]
+        assert len(predictions) == NUM_EVAL_IMAGES
+        for source in sources:
+            with Image.open(os.path.join(artifact["uri"], source)) as image:
+                image.load()
+                assert image.format == "PNG" and min(image.size) > 0, source
+    assert runs["A"]["visual_report"] != runs["D"]["visual_report"]
+    assert runs["C"]["visual_report"] == runs["B"]["visual_report"]  # cached: the same report
 
 
 def test_evaluation_metrics_are_complete(e2e):

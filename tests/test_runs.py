@@ -303,9 +303,19 @@ def fake_store(tmp_path) -> str:
         "MaskEvaluator",
         inputs={"baseline_model": baseline, "model": trained["model"], "examples": targets},
         outputs={
-            "evaluation": ("ModelEvaluation", {"mask_AP": 0.4213, "report_html": "/r.html"}),
+            "evaluation": ("ModelEvaluation", {"mask_AP": 0.4213}),
             "blessing": ("ModelBlessing", {"blessed": 1}),
         },
+    )
+    fake.execute(
+        good,
+        "RunReport",
+        inputs={
+            "evaluation": evaluated["evaluation"],
+            "model_run": trained["model_run"],
+            "examples": examples,
+        },
+        outputs={"report": ("components.VisualReport", {"report_html": "/r/index.html"})},
     )
     fake.execute(
         good,
@@ -335,7 +345,7 @@ def test_model_stages_show_up_when_present(fake_store, capsys):
     records = runs.list_runs(fake_store, "solov2")
     assert [r["state"] for r in records] == ["complete", "complete", "failed", "running"]
     good = records[1]
-    assert good["num_components"] == 5
+    assert good["num_components"] == 6
     assert (good["mask_AP"], good["blessed"], good["pushed_version"]) == (
         0.4213,
         True,
@@ -348,11 +358,12 @@ def test_model_stages_show_up_when_present(fake_store, capsys):
     assert shown["reports"] == {
         "ingestion_report": "/r.json",
         "tensorboard_logdir": "/root/Trainer/model_run",
-        "visual_report": "/r.html",
+        "visual_report": "/r/index.html",
     }
     code, out, _ = _cli(capsys, "show", "2030-01-01", "--metadata", fake_store)
     assert "mask AP 0.4213" in out and "pushed 1893456000 -> /s/1893" in out
     assert "tensorboard --logdir /root/Trainer/model_run" in out
+    assert "visual report     /r/index.html" in out
 
 
 def test_lineage_starts_from_the_pushed_model(fake_store, capsys):

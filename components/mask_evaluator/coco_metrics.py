@@ -20,6 +20,8 @@ Conventions:
   * Per-category AP is mask AP at IoU 0.50:0.95, area "all", 100 detections, i.e. the mean of
     `COCOeval.eval["precision"][:, :, k, 0, -1]` over entries > -1. A category without any
     ground truth has no defined AP and gets -1 (pycocotools' marker), never NaN.
+  * The whole accumulated mask precision array is kept too (`PrecisionTable`), for
+    precision/recall curves; -1 there also means "no ground truth for this category and area".
 
 Degenerate cases give pycocotools' own numbers without crashing: no detections at all -> 0 for
 every stat whose category/area cell has ground truth (-1 where none); no ground truth at all
@@ -29,6 +31,7 @@ every stat whose category/area cell has ground truth (-1 where none); no ground 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +57,52 @@ STAT_NAMES = (
     "ARm",
     "ARl",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionTable:
+    """COCOeval's accumulated precision (`eval["precision"]`) with the values of its axes.
+
+    `precision[t, r, k, a, m]` is the interpolated precision at IoU threshold
+    `iou_thresholds[t]`, recall threshold `recall_thresholds[r]`, category `category_ids[k]`,
+    area range `area_ranges[a]` and at most `max_detections[m]` detections per image. It is -1
+    where that category has no ground truth in that area range (a whole `[:, :, k, a, m]`
+    column), and 0 at recalls the detections never reach.
+    """
+
+    precision: np.ndarray  # [T, R, K, A, M] float64: T=10 IoUs, R=101 recalls, A=4, M=3.
+    iou_thresholds: np.ndarray  # [T] float64: 0.50, 0.55, ..., 0.95.
+    recall_thresholds: np.ndarray  # [R] float64: 0.00, 0.01, ..., 1.00.
+    category_ids: np.ndarray  # [K] int64: COCO category ids, in COCOeval's order.
+    area_ranges: tuple[str, ...]  # [A]: "all", "small", "medium", "large".
+    max_detections: np.ndarray  # [M] int64: 1, 10, 100.
+
+    @classmethod
+    def from_cocoeval(cls, coco_eval: COCOeval) -> PrecisionTable:
+        params = coco_eval.params
+        return cls(
+            precision=np.asarray(coco_eval.eval["precision"], np.float64),
+            iou_thresholds=np.asarray(params.iouThrs, np.float64),
+            recall_thresholds=np.asarray(params.recThrs, np.float64),
+            category_ids=np.asarray(params.catIds, np.int64).reshape(-1),
+            area_ranges=tuple(params.areaRngLbl),
+            max_detections=np.asarray(params.maxDets, np.int64),
+        )
+
+    def to_npz(self) -> bytes:
+        """The table as the bytes of a compressed `.npz` file (one array per field)."""
+        out = io.BytesIO()
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields["area_ranges"] = np.asarray(self.area_ranges, dtype=str)
+        np.savez_compressed(out, **fields)
+        return out.getvalue()
+
+    @classmethod
+    def from_npz(cls, data: bytes) -> PrecisionTable:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            fields = {f.name: npz[f.name] for f in dataclasses.fields(cls)}
+        fields["area_ranges"] = tuple(str(a) for a in fields["area_ranges"])
+        return cls(**fields)
 
 
 class DatasetEvaluator(Protocol):
@@ -248,6 +297,7 @@ class CocoMaskEvaluator:
             "segm": {name: float for name in STAT_NAMES},   # mask AP / AR
             "bbox": {name: float for name in STAT_NAMES},   # box AP / AR, boxes from masks
             "per_category": {coco_id: {"name": str | None, "AP": float}},  # mask AP, -1 = no GT
+            "precision": PrecisionTable,  # mask precision [T, R, K, A, M], for PR curves
             "detections": [COCO results dicts: image_id, category_id, segmentation, score],
             "summary": str,   # pycocotools' printed output for both runs
           }
@@ -296,6 +346,7 @@ class CocoMaskEvaluator:
             "segm": _named_stats(segm_eval),
             "bbox": _named_stats(bbox_eval),
             "per_category": per_category,
+            "precision": PrecisionTable.from_cocoeval(segm_eval),
             "detections": detections,
             "summary": summary,
         }

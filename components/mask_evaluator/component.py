@@ -29,6 +29,7 @@ from components.mask_evaluator.runner import evaluate_saved_model, load_category
 
 METRICS_FILENAME = "metrics.json"
 DETECTIONS_FILENAME = "detections.json"
+PRECISION_FILENAME = "precision.npz"  # coco_metrics.PrecisionTable.to_npz(), for PR curves.
 SUMMARY_FILENAME = "summary.txt"
 BLESSED_FILENAME = "BLESSED"  # File names and property keys as the stock Evaluator writes them.
 NOT_BLESSED_FILENAME = "NOT_BLESSED"
@@ -64,10 +65,10 @@ def _metrics_record(result: dict[str, Any], model, split: str) -> dict[str, Any]
     }
 
 
-def _write(path: str, text: str) -> None:
+def _write(path: str, content: str | bytes) -> None:
     tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write(text)
+    with tf.io.gfile.GFile(path, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
 
 
 def blessing_decision(
@@ -106,7 +107,9 @@ def MaskEvaluator(  # noqa: N802 - TFX component names are CamelCase.
 
     `evaluation.uri` gets `metrics.json` (12 mask stats, 12 box-from-mask stats, per-category
     mask AP keyed by COCO id with names, counts, timing; the baseline's under `baseline`),
-    `detections.json` (COCO results format) and `summary.txt` (pycocotools' printout).
+    `detections.json` (COCO results format), `precision.npz` (COCOeval's accumulated mask
+    precision `[T, R, K, A, M]` with its axes, `coco_metrics.PrecisionTable`) and `summary.txt`
+    (pycocotools' printout).
     """
     result = _evaluate(model.uri, examples, eval_split, batch_size)
     metrics = _metrics_record(result, model, eval_split)
@@ -120,6 +123,7 @@ def MaskEvaluator(  # noqa: N802 - TFX component names are CamelCase.
 
     _write(os.path.join(evaluation.uri, METRICS_FILENAME), json.dumps(metrics, indent=1))
     _write(os.path.join(evaluation.uri, DETECTIONS_FILENAME), json.dumps(result["detections"]))
+    _write(os.path.join(evaluation.uri, PRECISION_FILENAME), result["precision"].to_npz())
     _write(os.path.join(evaluation.uri, SUMMARY_FILENAME), result["summary"])
     for name in STAT_NAMES:
         evaluation.set_float_custom_property(f"mask_{name}", result["segm"][name])

@@ -105,10 +105,10 @@ def evaluate_saved_model(
       batch_size: serialized examples per signature call.
 
     Returns:
-      `CocoMaskEvaluator.evaluate()` output (`segm`, `bbox`, `per_category`, `detections`,
-      `summary`) plus `num_images`, `num_annotations`, `num_detections` and `timing` (seconds:
-      `model_load`, `inference`, `postprocess`, `cocoeval`, `total`; `images_per_second`
-      over inference + postprocess).
+      `CocoMaskEvaluator.evaluate()` output (`segm`, `bbox`, `per_category`, `precision`,
+      `detections`, `summary`) plus `num_images`, `num_annotations`, `num_detections` and
+      `timing` (seconds: `model_load`, `inference`, `postprocess`, `cocoeval`, `total`;
+      `images_per_second` over inference + postprocess).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
