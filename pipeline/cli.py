@@ -1,4 +1,4 @@
-"""The `solov2` command. Subcommands grow with the project: demo-data, run, runs."""
+"""The `solov2` command. Subcommands grow with the project: demo-data, run, runs, predict."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def _show_progress_logs() -> None:
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.local_runner import dumps, format_summary, run_local
-    from pipeline.pipeline import TrainingSpec
+    from pipeline.local_runner import SetupError, dumps, format_summary, run_local
+    from pipeline.pipeline import InfraValidationSpec, TrainingSpec
 
     _show_progress_logs()
 
@@ -46,14 +46,23 @@ def _run(args: argparse.Namespace) -> int:
         min_mask_ap=args.min_mask_ap,
         max_regression=args.max_regression,
     )
-    summary = run_local(
-        args.coco_dir,
-        args.output_dir,
-        experiment=args.config,
-        training=training,
-        max_reject_fraction=args.max_reject_fraction,
-        enable_cache=not args.no_cache,
-    )
+    try:
+        summary = run_local(
+            args.coco_dir,
+            args.output_dir,
+            experiment=args.config,
+            training=training,
+            max_reject_fraction=args.max_reject_fraction,
+            enable_cache=not args.no_cache,
+            infra_validation=(
+                InfraValidationSpec(serving_image_tag=args.serving_image_tag)
+                if args.infra_validate
+                else None
+            ),
+        )
+    except SetupError as error:
+        print(f"solov2 run: {error}", file=sys.stderr)
+        return 2
     print(dumps(summary) if args.json else format_summary(summary))
     return 0
 
@@ -81,6 +90,25 @@ def _runs(args: argparse.Namespace) -> int:
         print(f"solov2 runs {args.runs_command}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1, default=str) if args.json else text(result))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import PredictError, format_summary, predict
+
+    try:
+        summary = predict(
+            args.inputs,
+            args.model,
+            args.output_dir,
+            score_threshold=args.score_threshold,
+            batch_size=args.batch_size,
+            annotations_file=args.annotations,
+        )
+    except PredictError as e:
+        print(f"solov2 predict: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
     return 0
 
 
@@ -189,9 +217,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-regression", type=float, default=0.01, help="allowed AP drop vs the blessed baseline"
     )
+    run.add_argument(
+        "--infra-validate",
+        action="store_true",
+        help="add the stock InfraValidator: TF Serving in local Docker must load the model and "
+        "answer eval-split requests before the Pusher pushes (needs a Docker daemon)",
+    )
+    run.add_argument(
+        "--serving-image-tag",
+        default="2.16.1",
+        help="tensorflow/serving image tag (with the above)",
+    )
     run.add_argument("--no-cache", action="store_true")
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(func=_run)
+
+    predict = sub.add_parser(
+        "predict", help="run an exported model on images: overlay PNGs and COCO results"
+    )
+    predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help=".jpg/.png or folders")
+    predict.add_argument(
+        "--model",
+        required=True,
+        help="SavedModel folder, or a Pusher root (serving/solov2) whose highest version is used",
+    )
+    predict.add_argument("--output-dir", default="predictions")
+    predict.add_argument(
+        "--score-threshold", type=float, default=0.3, help="drawn detections (results keep all)"
+    )
+    predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument(
+        "--annotations", help="COCO JSON whose image ids are used (matched by file name)"
+    )
+    predict.set_defaults(func=_predict)
 
     kfp = sub.add_parser(
         "compile-kubeflow", help="compile the pipeline for Kubeflow Pipelines v2 (never submits)"

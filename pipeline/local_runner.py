@@ -12,7 +12,15 @@ import os
 import time
 
 from pipeline import configs
-from pipeline.pipeline import DataSpec, TrainingSpec
+from pipeline.pipeline import DataSpec, InfraValidationSpec, TrainingSpec
+
+
+class SetupError(Exception):
+    """A run that cannot start (no COCO data, no Docker daemon): the CLI prints it, no trace."""
+
+
+class MissingCocoData(SetupError, FileNotFoundError):
+    """No `annotations/instances_*.json` under the given directory."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +37,7 @@ class LocalPaths:
 
     @property
     def serving_dir(self) -> str:
-        return os.path.join(self.output_dir, "serving", configs.PIPELINE_NAME)
+        return os.path.join(self.output_dir, "serving", configs.SERVING_MODEL_NAME)
 
 
 def discover_coco(coco_dir: str) -> DataSpec:
@@ -41,7 +49,7 @@ def discover_coco(coco_dir: str) -> DataSpec:
     coco_dir = os.path.abspath(coco_dir)
     files = sorted(glob.glob(os.path.join(coco_dir, "annotations", "instances_*.json")))
     if not files:
-        raise FileNotFoundError(
+        raise MissingCocoData(
             f"No annotations/instances_*.json under {coco_dir}. Expected a COCO directory like "
             "annotations/instances_train2017.json + train2017/ (or run `solov2 demo-data DIR`)."
         )
@@ -58,6 +66,20 @@ def discover_coco(coco_dir: str) -> DataSpec:
     )
 
 
+def require_docker() -> None:
+    """Raises a clear error unless a Docker daemon answers (InfraValidator's LocalDocker mode)."""
+    import docker  # The Docker SDK, installed with tfx.
+
+    try:
+        docker.from_env(timeout=10).ping()
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing here.
+        raise SetupError(
+            "--infra-validate runs TF Serving in local Docker, but no Docker daemon answered "
+            f"({type(error).__name__}: {error}). Start Docker, or run without --infra-validate "
+            "(tests/test_pipeline_resume.py proves serving readiness without a server)."
+        ) from error
+
+
 def run_local(
     coco_dir: str,
     output_dir: str,
@@ -67,13 +89,20 @@ def run_local(
     beam_pipeline_args: tuple[str, ...] = configs.DEFAULT_BEAM_ARGS,
     max_reject_fraction: float = 0.05,
     enable_cache: bool = True,
+    infra_validation: InfraValidationSpec | None = None,
 ) -> dict:
-    """Runs the pipeline locally and returns a summary dict (paths, timings, report)."""
+    """Runs the pipeline locally and returns a summary dict (paths, timings, report).
+
+    `infra_validation` adds the stock InfraValidator (TF Serving in local Docker); it needs a
+    running Docker daemon, checked before anything runs (`require_docker`).
+    """
     from tfx import v1 as tfx
 
     from pipeline.pipeline import create_pipeline
     from pipeline.summary import summarize_latest_run
 
+    if infra_validation is not None:
+        require_docker()
     paths = LocalPaths(os.path.abspath(output_dir))
     data = discover_coco(coco_dir)
     pipeline = create_pipeline(
@@ -89,6 +118,7 @@ def run_local(
         beam_pipeline_args=beam_pipeline_args,
         max_reject_fraction=max_reject_fraction,
         enable_cache=enable_cache,
+        infra_validation=infra_validation,
     )
     start = time.time()
     tfx.orchestration.LocalDagRunner().run(pipeline)
@@ -132,6 +162,8 @@ def format_summary(summary: dict) -> str:
         lines.append("Pushed model: none (not blessed)")
     if summary.get("tensorboard"):
         lines.append(f"TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir <that>)")
+    if summary.get("visual_report"):
+        lines.append(f"Visual report: {summary['visual_report']}")
     lines.append("Outputs:")
     for key, value in summary["paths"].items():
         lines.append(f"  {key:<14} {value}")

@@ -12,6 +12,7 @@ from tfx.orchestration import pipeline as tfx_pipeline
 
 from components.coco_example_gen.component import CocoExampleGen
 from components.mask_evaluator.component import MaskEvaluator
+from components.run_report.component import RunReport
 from components.solo_targets.component import SoloTargetGen
 from pipeline import configs
 
@@ -48,6 +49,44 @@ class TrainingSpec:
     eval_batch_size: int = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class InfraValidationSpec:
+    """The stock InfraValidator: TF Serving in local Docker loads the model and answers requests.
+
+    LocalDagRunner only, on a machine with a Docker daemon: KubeflowV2DagRunner rejects the
+    component (kubeflow/runner.py says so). Requests are `serving_default` PredictRequests built
+    from the eval split (serialized tf.Examples); the Pusher then needs both blessings.
+    """
+
+    serving_image_tag: str = "2.16.1"  # tensorflow/serving:<tag>, the TF 2.16 serving build
+    num_examples: int = 4
+    max_loading_time_seconds: int = 300
+    num_tries: int = 3
+
+
+def infra_validator(model, examples, spec: InfraValidationSpec):
+    """InfraValidator for `spec`, serving `model` under configs.SERVING_MODEL_NAME."""
+    return tfx.components.InfraValidator(
+        model=model,
+        examples=examples,
+        serving_spec=tfx.proto.ServingSpec(
+            tensorflow_serving=tfx.proto.TensorFlowServing(tags=[spec.serving_image_tag]),
+            local_docker=tfx.proto.LocalDockerConfig(),
+            model_name=configs.SERVING_MODEL_NAME,
+        ),
+        request_spec=tfx.proto.RequestSpec(
+            tensorflow_serving=tfx.proto.TensorFlowServingRequestSpec(
+                signature_names=["serving_default"]
+            ),
+            split_name="eval",
+            num_examples=spec.num_examples,
+        ),
+        validation_spec=tfx.proto.ValidationSpec(
+            max_loading_time_seconds=spec.max_loading_time_seconds, num_tries=spec.num_tries
+        ),
+    )
+
+
 def schema_path() -> str:
     """The packaged schema file (schemas/schema.pbtxt)."""
     import schemas
@@ -67,17 +106,21 @@ def create_pipeline(
     beam_pipeline_args: Sequence[str] = configs.DEFAULT_BEAM_ARGS,
     max_reject_fraction: float = 0.05,
     enable_cache: bool = True,
+    infra_validation: InfraValidationSpec | None = None,
 ) -> tfx_pipeline.Pipeline:
     """Builds the SOLOv2 pipeline.
 
     DAG: CocoExampleGen -> StatisticsGen -> ExampleValidator (with ImportSchemaGen's schema);
     CocoExampleGen -> SoloTargetGen -> Trainer -> MaskEvaluator (eval split of CocoExampleGen,
-    baseline = latest blessed model) -> Pusher (to `serving_dir`/<version>, only when blessed).
+    baseline = latest blessed model) -> Pusher (to `serving_dir`/<version>, only when blessed);
+    MaskEvaluator + Trainer logs + eval examples -> RunReport (HTML + PNGs, blessed or not).
 
     Args:
       experiment: a name from `models.config.EXPERIMENTS`; it fixes target geometry and model.
       serving_dir: the TF Serving model base path (`.../<model_name>`), on storage the Pusher
         can write.
+      infra_validation: adds the stock InfraValidator (TF Serving in local Docker) between the
+        Trainer and the Pusher; local runs only. None (default) leaves it out.
     """
     training = training or TrainingSpec()
     example_gen = CocoExampleGen(
@@ -121,9 +164,20 @@ def create_pipeline(
         max_regression=training.max_regression,
         batch_size=training.eval_batch_size,
     )
+    run_report = RunReport(
+        evaluation=evaluator.outputs["evaluation"],
+        model_run=trainer.outputs["model_run"],
+        examples=example_gen.outputs["examples"],
+    )
+    infra = (
+        infra_validator(trainer.outputs["model"], example_gen.outputs["examples"], infra_validation)
+        if infra_validation is not None
+        else None
+    )
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
+        infra_blessing=infra.outputs["blessing"] if infra is not None else None,
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=serving_dir)
         ),
@@ -137,6 +191,8 @@ def create_pipeline(
         trainer,
         baseline_resolver,
         evaluator,
+        run_report,
+        *([infra] if infra is not None else []),
         pusher,
     ]
     return tfx.dsl.Pipeline(
