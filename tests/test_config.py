@@ -102,6 +102,7 @@ def test_demo_cpu_only_shrinks_size_and_keeps_official_values():
     }
     assert changed == {
         "backbone",
+        "fpn_channels",
         "head_convs",
         "head_channels",
         "kernel_channels",
@@ -115,8 +116,8 @@ def test_demo_cpu_only_shrinks_size_and_keeps_official_values():
     }
     assert (demo.model.backbone, demo.model.num_classes) == ("resnet18", 5)
     assert (demo.model.frozen_stages, demo.model.norm_eval) == (-1, False)
-    assert (demo.model.head_convs, demo.model.head_channels) == (2, 128)
-    assert (demo.model.kernel_channels, demo.model.mask_mid_channels) == (64, 64)
+    assert (demo.model.fpn_channels, demo.model.head_convs, demo.model.head_channels) == (64, 2, 64)
+    assert (demo.model.kernel_channels, demo.model.mask_mid_channels) == (32, 32)
     assert demo.model.scale_ranges == ((1, 32), (16, 64), (32, 128), (64, 256), (128, 512))
     assert (demo.train.train_short_sides, demo.train.train_max_size) == ((256,), 352)
     assert "NOT an official variant" in cfg.demo_cpu.__doc__
