@@ -432,7 +432,7 @@ def test_demo_cpu_builds_with_the_right_shapes():
     model = build_model(config)
     outputs = model(tf.constant(_normal(1, 64, 64, 3)))
     assert tuple(outputs["category_logits"].shape) == (1, 3872, 5)
-    assert tuple(outputs["mask_features"].shape) == (1, 16, 16, 64)
+    assert tuple(outputs["mask_features"].shape) == (1, 16, 16, 32)  # E = kernel_channels
 
 
 def test_solov2_r50_parameter_count():
