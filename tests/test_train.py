@@ -209,10 +209,15 @@ def test_mirrored_two_replicas_match_single_device(examples_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["replicas"] == 2
-    for step in report["steps"]:
+    # Step 1 starts from identical weights: the losses agree to float32 reduction noise. The
+    # gradient norm sums every gradient element (seen 5.4e-5 apart once), and step 2 starts from
+    # weights that already differ by that noise, so those get 1e-4; a lost or doubled replica
+    # would be off by tens of percent.
+    for index, step in enumerate(report["steps"]):
         for key in ("category_loss", "mask_loss", "total_loss", "num_positives", "grad_norm"):
             single, multi = step[key]
-            assert multi == pytest.approx(single, rel=1e-5), (key, step)
+            tight = index == 0 and key != "grad_norm"
+            assert multi == pytest.approx(single, rel=1e-5 if tight else 1e-4), (key, step)
     # Gradients are summed once (not once more by Keras) and clipped on the global gradient.
     # Measured: median ~5e-7; max 1e-4 to 1.2e-3 from run to run (backbone kernels, whose
     # gradients cross the most float32 reductions). Both bounds stay far below the 1.0 of a
