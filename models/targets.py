@@ -1,9 +1,21 @@
 """SOLOv2 grid targets for one image, as vectorized TF ops.
 
-The same function runs in the SoloTargetGen Beam component (eager or inside `tf.function`) and
-inside a `tf.data` map in the trainer: no Python loop over instances, cells or levels (all levels
-are handled at once over the flat cell axis), and fixed-shape outputs (`[NUM_CELLS]`,
-`[N, H/4, W/4]`).
+Two entry points compute the same targets from two forms of the same masks:
+
+* `compute_targets`: full-resolution masks at the padded input size, `[N, H, W]`. This is the
+  definition, checked exactly against a per-instance loop port of the official code.
+* `compute_targets_from_runs`: masks as COCO run lengths at their original size, plus the
+  nearest-neighbour resize (a source row and column per resized pixel), flip and pad that
+  take them to the padded input. It never builds a full-resolution mask: every run is a
+  rectangle of the resized mask, and the mass centre and the 1/4-scale masks are computed
+  from those rectangles, in time proportional to the runs and the 1/4-scale output.
+  SoloTargetGen uses it (resizing full-resolution masks was most of its cost, see
+  `benchmarks/targets.py`); tests check it equals `compute_targets` on the resized masks, bit
+  for bit.
+
+Both are plain TF ops (eager, `tf.function` or `tf.data`): no Python loop over instances, cells
+or levels (all levels are handled at once over the flat cell axis), and fixed-shape outputs
+(`[NUM_CELLS]`, `[N, H/4, W/4]`).
 
 Algorithm: the official SOLOv2 assignment (WXinlong/SOLO `solov2_head.py::solov2_target_single`),
 see `docs/CONTRACT.md` for the output layout. Departures are listed in `compute_targets`.
@@ -114,6 +126,93 @@ def downsample_masks(masks: tf.Tensor) -> tf.Tensor:
     return tf.cast(rows[..., 1] + rows[..., 2] >= 2, tf.uint8)
 
 
+def _assign_cells(
+    boxes: tf.Tensor,
+    classes: tf.Tensor,
+    is_crowd: tf.Tensor,
+    area: tf.Tensor,
+    row_sum: tf.Tensor,
+    col_sum: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    grids: tuple[int, ...],
+    scale_ranges: tuple[tuple[float, float], ...],
+    sigma: float,
+) -> dict[str, tf.Tensor]:
+    """The grid assignment of `compute_targets`, from the mask moments.
+
+    boxes `[N, 4]` float32, classes `[N]` int32, is_crowd `[N]` bool; area, row_sum, col_sum
+    `[N]` float64: pixel count and row / column index sums of each mask at the padded
+    `height` x `width` (int32 scalars), exact integers. Returns `cell_class`, `cell_instance`
+    `[sum(S^2)]` int32 and `instance_num_cells`, `instance_area` `[N]` int32.
+    """
+    nonempty = area > 0
+    safe_area = tf.where(nonempty, area, 1.0)
+    # scipy.ndimage.center_of_mass: exact integer sums, one correctly rounded float64 division.
+    # y and x are stacked ([2, N]), so each step below is one op for both axes.
+    center = tf.stack([row_sum, col_sum]) / safe_area
+
+    # Scale and half-extents in float32, operation for operation as the official torch code.
+    box_h = boxes[:, 2] - boxes[:, 0]
+    box_w = boxes[:, 3] - boxes[:, 1]
+    scale = tf.cast(tf.sqrt(box_h * box_w), tf.float64)
+    half = tf.cast(0.5 * tf.stack([box_h, box_w]) * sigma, tf.float64)
+    size = tf.cast(tf.stack([height, width]), tf.float64)[:, tf.newaxis]
+    # Centre, region start and region end, relative to the padded size: [3, 2, N]. Not `/`: when
+    # the size is a graph constant (a fixed pad), Grappler turns `x / size` into
+    # `x * (1 / size)`, which is not the correctly rounded quotient of the official code and
+    # moves centres lying exactly on a cell boundary. DivNoNan is never rewritten (size > 0).
+    rel = tf.math.divide_no_nan(tf.stack([center, center - half, center + half]), size)
+    candidate = nonempty & tf.logical_not(is_crowd)
+
+    # Every level at once: per-(instance, level) quantities are [N, L].
+    num_grid = tf.constant(grids, tf.int32)
+    inv_grid = tf.constant([1.0 / s for s in grids], tf.float64)  # the official `1. / num_grid`
+    lower = tf.constant([r[0] for r in scale_ranges], tf.float64)
+    upper = tf.constant([r[1] for r in scale_ranges], tf.float64)
+
+    # Official `int(rel // (1. / num_grid))`, [3, 2, N] -> [3, 2, N, L]. Only the [0, S-1] range
+    # survives the clamps below; clipping keeps the int cast defined.
+    cell = _python_floordiv(rel[..., tf.newaxis], inv_grid)
+    cell = tf.cast(tf.clip_by_value(cell, -1.0, float(max(grids))), tf.int32)
+    coord = cell[0]  # centre cell, [2, N, L] (y, x)
+    start = tf.maximum(tf.maximum(cell[1], 0), coord - 1)  # region, clamped to 3 x 3
+    end = tf.minimum(tf.minimum(cell[2], num_grid - 1), coord + 1)
+    top, left, down, right = start[0], start[1], end[0], end[1]
+    scale = scale[:, tf.newaxis]
+    hit = candidate[:, tf.newaxis] & (scale >= lower) & (scale <= upper)  # NaN compares False
+
+    # The region spans at most 3x3 cells from (top, left): enumerate the 9 candidates per
+    # (instance, level), O(N) work instead of testing every instance against every cell.
+    offset_h = tf.constant([0, 0, 0, 1, 1, 1, 2, 2, 2], tf.int32)
+    offset_w = tf.constant([0, 1, 2, 0, 1, 2, 0, 1, 2], tf.int32)
+    rows = top[..., tf.newaxis] + offset_h  # [N, L, 9]
+    cols = left[..., tf.newaxis] + offset_w
+    valid = (
+        hit[..., tf.newaxis] & (rows <= down[..., tf.newaxis]) & (cols <= right[..., tf.newaxis])
+    )
+    level_offset = tf.constant(level_offsets(grids), tf.int32)[:, tf.newaxis]
+    flat = level_offset + rows * num_grid[:, tf.newaxis] + cols
+    num_instances = tf.shape(boxes)[0]
+    ids = tf.broadcast_to(tf.range(num_instances)[:, tf.newaxis, tf.newaxis], tf.shape(flat))
+    # Annotation order is the official write order: the highest instance index on a cell wins.
+    # Segment -1 (not a positive) is dropped; empty cells get INT_MIN, clamped to background.
+    cell_instance = tf.math.unsorted_segment_max(ids, tf.where(valid, flat, -1), num_cells(grids))
+    cell_instance = tf.maximum(cell_instance, -1)
+    # Slot 0 is background, so the lookup also works with N = 0.
+    cell_class = tf.gather(tf.concat([[-1], classes], axis=0), cell_instance + 1)
+    # Background cells carry id -1, which unsorted_segment_sum drops.
+    instance_num_cells = tf.math.unsorted_segment_sum(
+        tf.ones_like(cell_instance), cell_instance, num_instances
+    )
+    return {
+        "cell_class": cell_class,
+        "cell_instance": cell_instance,
+        "instance_num_cells": instance_num_cells,
+        "instance_area": tf.cast(area, tf.int32),
+    }
+
+
 def compute_targets(
     boxes: tf.Tensor,
     classes: tf.Tensor,
@@ -146,7 +245,8 @@ def compute_targets(
         `instance_masks` `[N, H/4, W/4]` uint8 in {0, 1}: every input instance, downsampled,
         `instance_num_cells` `[N]` int32: positive cells each instance holds in the final grids
           (over all levels, after collisions); 0 flags a degenerate instance (crowd, empty mask,
-          scale outside every range, or overwritten everywhere by later instances).
+          scale outside every range, or overwritten everywhere by later instances),
+        `instance_area` `[N]` int32: pixels of each mask at H x W (0: empty at this size).
       Cells are concatenated level by level, row-major inside a level (`LEVEL_OFFSETS`).
 
     Assignment (official, per instance and level):
@@ -187,73 +287,257 @@ def compute_targets(
     )
 
     area, row_sum, col_sum = _mask_moments(masks)
-    nonempty = area > 0
-    safe_area = tf.where(nonempty, area, 1.0)
-    # scipy.ndimage.center_of_mass: exact integer sums, one correctly rounded float64 division.
-    center_y, center_x = row_sum / safe_area, col_sum / safe_area
-    rel_y = center_y / tf.cast(height, tf.float64)
-    rel_x = center_x / tf.cast(width, tf.float64)
-
-    # Scale and half-extents in float32, operation for operation as the official torch code.
-    box_h = boxes[:, 2] - boxes[:, 0]
-    box_w = boxes[:, 3] - boxes[:, 1]
-    scale = tf.cast(tf.sqrt(box_h * box_w), tf.float64)
-    half_h = tf.cast(0.5 * box_h * sigma, tf.float64)
-    half_w = tf.cast(0.5 * box_w * sigma, tf.float64)
-    top_rel = (center_y - half_h) / tf.cast(height, tf.float64)
-    down_rel = (center_y + half_h) / tf.cast(height, tf.float64)
-    left_rel = (center_x - half_w) / tf.cast(width, tf.float64)
-    right_rel = (center_x + half_w) / tf.cast(width, tf.float64)
-    candidate = nonempty & tf.logical_not(is_crowd)
-
-    # Every level at once: per-(instance, level) quantities are [N, L].
-    num_grid = tf.constant(grids, tf.int32)
-    inv_grid = tf.constant([1.0 / s for s in grids], tf.float64)  # the official `1. / num_grid`
-    lower = tf.constant([r[0] for r in scale_ranges], tf.float64)
-    upper = tf.constant([r[1] for r in scale_ranges], tf.float64)
-
-    def grid_index(rel):  # official `int(rel // (1. / num_grid))`, [N] -> [N, L]
-        cell = _python_floordiv(rel[:, tf.newaxis], inv_grid)
-        # Only the [0, S-1] range survives the clamps below; clipping keeps the int cast defined.
-        return tf.cast(tf.clip_by_value(cell, -1.0, float(max(grids))), tf.int32)
-
-    coord_h, coord_w = grid_index(rel_y), grid_index(rel_x)
-    top = tf.maximum(tf.maximum(grid_index(top_rel), 0), coord_h - 1)
-    down = tf.minimum(tf.minimum(grid_index(down_rel), num_grid - 1), coord_h + 1)
-    left = tf.maximum(tf.maximum(grid_index(left_rel), 0), coord_w - 1)
-    right = tf.minimum(tf.minimum(grid_index(right_rel), num_grid - 1), coord_w + 1)
-    scale = scale[:, tf.newaxis]
-    hit = candidate[:, tf.newaxis] & (scale >= lower) & (scale <= upper)  # NaN compares False
-
-    # The region spans at most 3x3 cells from (top, left): enumerate the 9 candidates per
-    # (instance, level), O(N) work instead of testing every instance against every cell.
-    offset_h = tf.constant([0, 0, 0, 1, 1, 1, 2, 2, 2], tf.int32)
-    offset_w = tf.constant([0, 1, 2, 0, 1, 2, 0, 1, 2], tf.int32)
-    rows = top[..., tf.newaxis] + offset_h  # [N, L, 9]
-    cols = left[..., tf.newaxis] + offset_w
-    valid = (
-        hit[..., tf.newaxis] & (rows <= down[..., tf.newaxis]) & (cols <= right[..., tf.newaxis])
+    targets = _assign_cells(
+        boxes, classes, is_crowd, area, row_sum, col_sum, height, width, grids, scale_ranges, sigma
     )
-    level_offset = tf.constant(level_offsets(grids), tf.int32)[:, tf.newaxis]
-    flat = level_offset + rows * num_grid[:, tf.newaxis] + cols
-    num_instances = tf.shape(boxes)[0]
-    ids = tf.broadcast_to(tf.range(num_instances)[:, tf.newaxis, tf.newaxis], tf.shape(flat))
-    # Annotation order is the official write order: the highest instance index on a cell wins.
-    # Segment -1 (not a positive) is dropped; empty cells get INT_MIN, clamped to background.
-    cell_instance = tf.math.unsorted_segment_max(ids, tf.where(valid, flat, -1), num_cells(grids))
-    cell_instance = tf.maximum(cell_instance, -1)
-    # Slot 0 is background, so the lookup also works with N = 0.
-    cell_class = tf.gather(tf.concat([[-1], classes], axis=0), cell_instance + 1)
-    # Background cells carry id -1, which unsorted_segment_sum drops.
-    instance_num_cells = tf.math.unsorted_segment_sum(
-        tf.ones_like(cell_instance), cell_instance, num_instances
+    targets["instance_masks"] = downsample_masks(masks)
+    return targets
+
+
+# --------------------------------------------------------------------------------------------
+# The same targets from run lengths at the original size (SoloTargetGen)
+
+
+def _row_ids(row_splits: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """The row of each of `size` flat values of a ragged tensor with these `row_splits`."""
+    return tf.searchsorted(row_splits[1:], tf.range(size, dtype=row_splits.dtype), side="right")
+
+
+def _gather_where(condition: tf.Tensor, *tensors: tf.Tensor) -> list[tf.Tensor]:
+    """`tf.boolean_mask` of several tensors with one index computation (a graph of few ops)."""
+    index = tf.where(condition)[:, 0]
+    return [tf.gather(t, index) for t in tensors]
+
+
+def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.Tensor]:
+    """Foreground runs of column-major run lengths -> disjoint rectangles of source pixels.
+
+    runs: `[N, (M)]` run lengths of `[H0, W0]` masks (COCO uncompressed RLE: flat pixel index
+    `column * H0 + row`, alternating background / foreground runs, background first). A run may
+    wrap over columns, so it splits into the rest of its first column, whole columns, and the
+    start of its last column. Returns `[instance, row0, row1, col0, col1]`, each `[R]` int64,
+    rows and columns half-open; empty parts are dropped.
+    """
+    lengths = tf.cast(runs.flat_values, tf.int64)
+    splits = tf.cast(runs.row_splits, tf.int64)
+    instance = _row_ids(splits, tf.size(lengths, out_type=tf.int64))
+    first_run = tf.gather(splits, instance)
+    begin = tf.cumsum(lengths, exclusive=True)
+    begin -= tf.gather(begin, first_run)  # offsets within the instance's mask
+    foreground = (tf.range(tf.size(lengths, out_type=tf.int64)) - first_run) % 2 == 1
+    instance, begin, lengths = _gather_where(foreground & (lengths > 0), instance, begin, lengths)
+    last = begin + lengths - 1  # inclusive
+    height = tf.cast(source_height, tf.int64)
+    first_col, first_row = begin // height, begin % height
+    last_col, last_row_end = last // height, last % height + 1
+    one_col = tf.equal(first_col, last_col)
+    zero, full = tf.zeros_like(begin), tf.fill(tf.shape(begin), height)
+    row0 = tf.concat([first_row, zero, zero], 0)
+    row1 = tf.concat(
+        [tf.where(one_col, last_row_end, full), full, tf.where(one_col, zero, last_row_end)], 0
     )
-    return {
-        "cell_class": cell_class,
-        "cell_instance": cell_instance,
-        "instance_masks": downsample_masks(masks),
-        "instance_num_cells": instance_num_cells,
-    }
+    col0 = tf.concat([first_col, first_col + 1, last_col], 0)
+    col1 = tf.concat([first_col + 1, tf.maximum(last_col, first_col + 1), last_col + 1], 0)
+    instance = tf.concat([instance, instance, instance], 0)
+    return _gather_where((row1 > row0) & (col1 > col0), instance, row0, row1, col0, col1)
+
+
+def _sample_ranges(lo: tf.Tensor, hi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pixel ranges `[lo, hi)` `[R]` along one axis -> the 1/4-scale indices they are sampled at.
+
+    Index d of `downsample_masks` samples pixels 4d+1 and 4d+2. `[lo, hi)` holds pixel 4d+1 for
+    d in `[a(lo), a(hi))` and 4d+2 for d in `[b(lo), b(hi))`, with a(x) = (x + 2) // 4 and
+    b(x) = (x + 1) // 4 (so b <= a <= b + 1). Hence up to three ranges of d, holding 1, 2 and 1 of
+    the range's samples. Returns their starts and ends, `[R, 3]` each (empty when start >= end).
+    """
+    a_lo, a_hi = (lo + 2) // 4, (hi + 2) // 4
+    b_lo, b_hi = (lo + 1) // 4, (hi + 1) // 4
+    starts = tf.stack([b_lo, a_lo, tf.maximum(a_lo, b_hi)], axis=1)
+    ends = tf.stack([tf.minimum(a_lo, b_hi), b_hi, a_hi], axis=1)
+    return starts, ends
+
+
+def _downsample_rectangles(
+    instance: tf.Tensor,
+    y0: tf.Tensor,
+    y1: tf.Tensor,
+    x0: tf.Tensor,
+    x1: tf.Tensor,
+    num_instances: tf.Tensor,
+    out_height: tf.Tensor,
+    out_width: tf.Tensor,
+) -> tf.Tensor:
+    """`downsample_masks` of masks given as disjoint rectangles: `[N, out_height, out_width]` uint8.
+
+    Inputs `[R]` int32: instance index and half-open row / column ranges of each rectangle at the
+    full resolution. Output pixel (d, e) is on iff at least 2 of its 4 samples are on. Over
+    the 3 x 3 blocks of `_sample_ranges`, a rectangle holds (1, 2 or 1) x (1, 2 or 1) samples of
+    each output pixel; the rectangles are disjoint, so adding blocks counts every sample once.
+    Blocks are enumerated column by column (work ~ the masks' area at 1/4 scale): a pixel is on
+    iff a block holding 2 or 4 of its samples covers it, or one-sample blocks cover it twice.
+    """
+    y_starts, y_ends = _sample_ranges(y0, y1)
+    x_starts, x_ends = _sample_ranges(x0, x1)
+    # Nonempty blocks (rectangle, y range i, x range j); the middle ranges hold 2 samples.
+    block = tf.where((y_ends > y_starts)[:, :, tf.newaxis] & (x_ends > x_starts)[:, tf.newaxis, :])
+    rect_i, rect_j = block[:, :2], tf.stack([block[:, 0], block[:, 2]], axis=1)
+    y_start, y_end = tf.gather_nd(y_starts, rect_i), tf.gather_nd(y_ends, rect_i)
+    columns = tf.ragged.range(tf.gather_nd(x_starts, rect_j), tf.gather_nd(x_ends, rect_j))
+    column = columns.flat_values  # one segment of output pixels per block column
+    of_column = _row_ids(columns.row_splits, tf.size(column, out_type=tf.int64))
+    double = tf.gather((block[:, 1] == 1) | (block[:, 2] == 1), of_column)
+    base = tf.gather(tf.gather(instance, block[:, 0]), of_column) * out_height
+    top = (base + tf.gather(y_start, of_column)) * out_width + column
+    bottom = (base + tf.gather(y_end, of_column)) * out_width + column
+
+    def pixels(selected):  # flat output indices, column segments walked with stride out_width
+        return tf.ragged.range(*_gather_where(selected, top, bottom), out_width).flat_values
+
+    # On: every pixel of a block holding 2 or 4 samples, and every pixel that two or more
+    # one-sample blocks meet (found by sorting: they are few, on the edges of rectangles).
+    single_pixels = tf.sort(pixels(~double))
+    (repeated,) = _gather_where(tf.equal(single_pixels[1:], single_pixels[:-1]), single_pixels[1:])
+    on = tf.cast(tf.concat([pixels(double), repeated], 0), tf.int64)
+    # Unvalidated: `on` may list a pixel twice (it is set to 1 twice).
+    on = tf.SparseTensor(
+        on[:, tf.newaxis],
+        tf.ones_like(on, tf.uint8),
+        tf.cast([num_instances * out_height * out_width], tf.int64),
+    )
+    masks = tf.sparse.to_dense(on, validate_indices=False)
+    return tf.reshape(masks, [num_instances, out_height, out_width])
+
+
+def compute_targets_from_runs(
+    boxes: tf.Tensor,
+    classes: tf.Tensor,
+    runs: tf.RaggedTensor,
+    is_crowd: tf.Tensor,
+    *,
+    source_height,
+    source_width,
+    source_rows: tf.Tensor,
+    source_cols: tf.Tensor,
+    flip,
+    padded_height,
+    padded_width,
+    grids: tuple[int, ...] = GRIDS,
+    scale_ranges: tuple[tuple[float, float], ...] = SCALE_RANGES,
+    sigma: float = SIGMA,
+) -> dict[str, tf.Tensor]:
+    """`compute_targets` of masks given as run lengths at their source size, exactly.
+
+    The masks `compute_targets` would see are `masks = pad(mirror(source[:, source_rows][:, :,
+    source_cols]))`: a nearest-neighbour resize given by its source indices, then a horizontal
+    mirror when `flip`, then zero padding at the bottom / right to `padded_height` x
+    `padded_width`. This function returns the same dict, value for value, without building them:
+    each foreground run is a rectangle of source pixels, hence (the index maps being monotonic)
+    a rectangle of `masks`, whose pixel count and row / column sums have closed forms, and
+    whose 1/4-scale samples are counted directly at 1/4 scale.
+
+    Args:
+      boxes, classes, is_crowd, grids, scale_ranges, sigma: as `compute_targets` (boxes at the
+        padded input, after the flip).
+      runs: `[N, (M)]` int ragged: COCO uncompressed RLE of the `[N, H0, W0]` source masks
+        (column-major pixels, alternating background / foreground runs, background first; each
+        row sums to H0 * W0).
+      source_height, source_width: H0 and W0, int scalars.
+      source_rows: `[h]` int32, non-decreasing, in `[0, H0)`: the source row of each resized row
+        (`[w]` `source_cols` likewise); h, w are the resized size.
+      flip: bool scalar: mirror the resized masks horizontally (before padding).
+      padded_height, padded_width: int scalars, multiples of 32, at least h and w.
+
+    Returns:
+      `compute_targets(boxes, classes, masks, is_crowd, ...)`: `cell_class`, `cell_instance`,
+      `instance_masks` `[N, padded_height / 4, padded_width / 4]`, `instance_num_cells`,
+      `instance_area`.
+    """
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    classes = tf.cast(classes, tf.int32)
+    is_crowd = tf.cast(is_crowd, tf.bool)
+    source_height = tf.cast(source_height, tf.int32)
+    source_width = tf.cast(source_width, tf.int32)
+    source_rows = tf.cast(source_rows, tf.int32)
+    source_cols = tf.cast(source_cols, tf.int32)
+    padded_height = tf.cast(padded_height, tf.int32)
+    padded_width = tf.cast(padded_width, tf.int32)
+    num_instances = runs.nrows(out_type=tf.int32)
+    new_height, new_width = tf.shape(source_rows)[0], tf.shape(source_cols)[0]
+    out_height, out_width = padded_height // MASK_STRIDE, padded_width // MASK_STRIDE
+
+    def monotonic_within(index, size):
+        return (
+            tf.reduce_all(index[1:] >= index[:-1])
+            & (tf.reduce_min(index) >= 0)
+            & (tf.reduce_max(index) < size)
+        )
+
+    covered = tf.cast(source_height, tf.int64) * tf.cast(source_width, tf.int64)
+    ends = tf.concat([[0], tf.cumsum(tf.cast(runs.flat_values, tf.int64))], 0)
+    row_totals = tf.gather(ends, runs.row_splits[1:]) - tf.gather(ends, runs.row_splits[:-1])
+    num_pixels = tf.cast(num_instances, tf.int64) * tf.cast(out_height * out_width, tf.int64)
+    checks = [
+        tf.debugging.Assert(
+            tf.equal(padded_height % 32, 0) & tf.equal(padded_width % 32, 0),
+            ["padded size must be a multiple of 32:", padded_height, padded_width],
+        ),
+        tf.debugging.Assert(
+            (new_height <= padded_height)
+            & (new_width <= padded_width)
+            & monotonic_within(source_rows, source_height)
+            & monotonic_within(source_cols, source_width),
+            ["source_rows / source_cols must be non-decreasing source indices within the pad"],
+        ),
+        tf.debugging.Assert(
+            tf.reduce_all(tf.equal(row_totals, covered)),
+            ["runs must cover the source masks exactly"],
+        ),
+        tf.debugging.Assert(
+            num_pixels < 2**31, ["too many instances for int32 output pixel indices"]
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        instance, row0, row1, col0, col1 = _run_rectangles(runs, source_height)
+
+    # Resized rows from source rows [r0, r1) are [below[r0], below[r1]): below[r] counts the
+    # resized rows whose source row is < r (the index map is non-decreasing). Same for columns.
+    rows_below = tf.searchsorted(source_rows, tf.range(source_height + 1), side="left")
+    cols_below = tf.searchsorted(source_cols, tf.range(source_width + 1), side="left")
+    y0 = tf.cast(tf.gather(rows_below, row0), tf.int64)
+    y1 = tf.cast(tf.gather(rows_below, row1), tf.int64)
+    x0 = tf.cast(tf.gather(cols_below, col0), tf.int64)
+    x1 = tf.cast(tf.gather(cols_below, col1), tf.int64)
+    new_width_64 = tf.cast(new_width, tf.int64)
+    x0, x1 = (tf.where(flip, new_width_64 - x1, x0), tf.where(flip, new_width_64 - x0, x1))
+
+    # Moments of the rectangles, exact in int64: sum of y over [y0, y1) is T(y1) - T(y0).
+    def triangle(n):
+        return n * (n - 1) // 2
+
+    height, width = y1 - y0, x1 - x0
+    area = tf.math.unsorted_segment_sum(height * width, instance, num_instances)
+    row_sum = tf.math.unsorted_segment_sum(
+        (triangle(y1) - triangle(y0)) * width, instance, num_instances
+    )
+    col_sum = tf.math.unsorted_segment_sum(
+        (triangle(x1) - triangle(x0)) * height, instance, num_instances
+    )
+    targets = _assign_cells(
+        boxes,
+        classes,
+        is_crowd,
+        tf.cast(area, tf.float64),
+        tf.cast(row_sum, tf.float64),
+        tf.cast(col_sum, tf.float64),
+        padded_height,
+        padded_width,
+        grids,
+        scale_ranges,
+        sigma,
+    )
+    int32 = [tf.cast(v, tf.int32) for v in (instance, y0, y1, x0, x1)]
+    targets["instance_masks"] = _downsample_rectangles(*int32, num_instances, out_height, out_width)
+    return targets
 
 
 __all__ = [
@@ -264,6 +548,7 @@ __all__ = [
     "SCALE_RANGES",
     "SIGMA",
     "compute_targets",
+    "compute_targets_from_runs",
     "downsample_masks",
     "level_offsets",
     "num_cells",

@@ -1,10 +1,13 @@
-"""SoloTargetGen: variants, geometry agreement with the training decoder, degenerate counts."""
+"""SoloTargetGen: variants, geometry agreement with the training decoder, degenerate counts, and
+its targets from RLE runs (no decoded masks) pinned to the direct computation."""
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
+import pathlib
 
 import apache_beam as beam
 import numpy as np
@@ -13,12 +16,15 @@ import tensorflow as tf
 from pycocotools import mask as mask_utils
 from tfx.types import standard_artifacts
 
+from components.coco_example_gen.example_builder import segmentation_to_rle
 from components.solo_targets.component import SoloTargetGen, target_spec_for
 from components.solo_targets.transform import (
     TargetMaker,
     TargetSpec,
     decode_rle_masks,
     decode_training_example,
+    nearest_source_indices,
+    rle_runs,
 )
 from models import preprocess
 from models.targets import compute_targets
@@ -30,6 +36,7 @@ DEMO_SPLITS = {
     "train": "annotations/instances_train.json",
     "eval": "annotations/instances_val.json",
 }
+COCO_TINY = pathlib.Path(__file__).resolve().parents[2] / "shared/data/coco_tiny"
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +222,206 @@ def test_training_decoder_draws_every_variant_and_matches_geometry(target_artifa
     np.testing.assert_array_equal(
         plain["cell_class"], _tensor(example, features.SOLO_CELL_CLASS, 0, tf.int32)
     )
+
+
+# --------------------------------------------------------------------------------------------
+# TargetMaker computes targets from the RLE runs; these pin it to the direct computation.
+
+
+def _runs_from_masks(masks: np.ndarray) -> list[list[int]]:
+    """Run lengths of `[N, H, W]` masks in column-major order, background first (NumPy)."""
+    runs = []
+    for mask in masks:
+        flat = mask.T.reshape(-1)
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+        runs.append(([0] if flat[0] else []) + np.diff(bounds).tolist())
+    return runs
+
+
+def test_rle_runs_match_pycocotools():
+    """Every kind of run: long ones (many 5-bit groups), zero-length first run, deltas of both
+    signs, one-pixel runs, empty and full masks, sizes up to 2000 x 3000."""
+    rng = np.random.default_rng(0)
+    masks = []
+    for height, width in [(1, 1), (7, 5), (64, 48), (480, 640), (2000, 3000)]:
+        batch = np.zeros((6, height, width), np.uint8)
+        batch[1] = 1
+        batch[2] = rng.random((height, width)) < (0.5 if height * width < 10**6 else 0.001)
+        batch[3, height // 3 :, width // 4 :] = 1
+        batch[4, 0, 0] = 1
+        batch[5] = np.add.outer(np.arange(height) // 7, np.arange(width) // 3) % 2
+        masks.append(batch)
+    for batch in masks:
+        encoded = mask_utils.encode(np.asfortranarray(np.moveaxis(batch, 0, -1)))
+        runs = rle_runs(tf.constant([e["counts"] for e in encoded]))
+        assert runs.to_list() == _runs_from_masks(batch)
+
+
+@pytest.mark.skipif(
+    not (COCO_TINY / "annotations").is_dir(), reason=f"coco_tiny data not found at {COCO_TINY}"
+)
+def test_rle_runs_decode_every_coco_tiny_mask():
+    """Polygons, multi-polygons and crowd RLE, as CocoExampleGen encodes them."""
+    checked = 0
+    for example in _coco_tiny_examples():
+        f = example.features.feature
+        runs = rle_runs(tf.constant(list(f[features.OBJECT_MASK_RLE].bytes_list.value)))
+        assert runs.to_list() == _runs_from_masks(decode_rle_masks(example))
+        checked += int(runs.nrows())
+    assert checked > 1000
+
+
+def test_nearest_source_indices_are_the_resize():
+    """`resize_masks` = selecting the mapped rows and columns, for up- and downscales."""
+    rng = np.random.default_rng(1)
+    sizes = [(1, 1, 3, 2), (5, 7, 5, 7), (480, 640, 800, 1067), (333, 500, 96, 144)]
+    sizes += [tuple(rng.integers(1, 400, 4)) for _ in range(40)]
+    for height, width, new_height, new_width in sizes:
+        masks = (rng.random((2, height, width)) < 0.5).astype(np.uint8)
+        masks[1] = (
+            np.arange(height * width).reshape(height, width) % 251
+        )  # values tell pixels apart
+        rows, cols = nearest_source_indices(height, width, new_height, new_width)
+        resized = preprocess.resize_masks(masks, new_height, new_width).numpy()
+        np.testing.assert_array_equal(resized, masks[:, rows][:, :, cols])
+    big_rows, _ = nearest_source_indices(70000, 3, 800, 3)  # row indices need a third digit
+    assert big_rows.max() > 65536
+
+
+def test_centre_on_a_cell_boundary_under_the_fixed_pad():
+    """The pad is a constant of TargetMaker's graph; the centre cell must still be the official
+    `(280 / 1344) // (1 / 24) == 5` (see `test_exact_division_when_the_pad_is_a_graph_constant`)."""
+    size = 1344
+    mask = np.zeros((size, size), np.uint8)
+    mask[180:381, 600:801] = 1  # centre of mass exactly (280, 700)
+    example = tf.train.Example()
+    f = example.features.feature
+    f[features.IMAGE_HEIGHT].int64_list.value.append(size)
+    f[features.IMAGE_WIDTH].int64_list.value.append(size)
+    f[features.OBJECT_MASK_RLE].bytes_list.value.append(
+        mask_utils.encode(np.asfortranarray(mask))["counts"]
+    )
+    for key, value in zip(features.OBJECT_BOX_KEYS, (600, 0, 800, 600)):  # 600 px high box
+        f[key].float_list.value.append(value)
+    f[features.OBJECT_CLASS].int64_list.value.append(3)
+    f[features.OBJECT_IS_CROWD].int64_list.value.append(0)
+    spec = target_spec_for("solov2_r50_fpn_1x", "eval")
+    spec = TargetSpec(spec.grids, spec.scale_ranges, spec.sigma, size, ((size, False),))
+    with_targets, _ = TargetMaker(spec).add_targets(example)
+    expected = compute_targets([[0, 600, 600, 800]], [3], mask[np.newaxis], [False])  # eager
+    cell_instance = _tensor(with_targets, features.SOLO_CELL_INSTANCE, 0, tf.int32)
+    np.testing.assert_array_equal(cell_instance, expected["cell_instance"])
+    level2 = cell_instance[2896:3472].reshape(24, 24)
+    assert np.flatnonzero((level2 >= 0).any(axis=1)).tolist() == [4, 5, 6]
+
+
+def _coco_tiny_examples():
+    """Every coco_tiny image with the features TargetMaker reads, masks encoded by CocoExampleGen."""
+    from pycocotools.coco import COCO
+
+    for split in ("train2017", "val2017"):
+        coco = COCO(str(COCO_TINY / f"annotations/instances_{split}.json"))
+        class_index = {cat: i for i, cat in enumerate(sorted(coco.getCatIds()))}
+        for img_id in sorted(coco.getImgIds()):
+            info = coco.loadImgs(img_id)[0]
+            height, width = info["height"], info["width"]
+            example = tf.train.Example()
+            f = example.features.feature
+            f[features.IMAGE_HEIGHT].int64_list.value.append(height)
+            f[features.IMAGE_WIDTH].int64_list.value.append(width)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id)):
+                rle = segmentation_to_rle(ann["segmentation"], height, width)
+                f[features.OBJECT_MASK_RLE].bytes_list.value.append(rle)
+                x, y, w, h = ann["bbox"]
+                for key, value in zip(features.OBJECT_BOX_KEYS, (x, y, x + w, y + h)):
+                    f[key].float_list.value.append(value)
+                f[features.OBJECT_CLASS].int64_list.value.append(class_index[ann["category_id"]])
+                f[features.OBJECT_IS_CROWD].int64_list.value.append(ann["iscrowd"])
+            yield example
+
+
+def _dense_variant_fn(spec: TargetSpec):
+    """One variant the direct way: decoded masks resized by `preprocess.resize_masks`, mirrored,
+    padded, then `compute_targets` (TargetMaker's computation before the runs path)."""
+
+    def variant(masks, boxes_xyxy, classes, is_crowd, short_side, flip):
+        height, width = tf.shape(masks)[1], tf.shape(masks)[2]
+        new_h, new_w = preprocess.resized_shape(height, width, short_side, spec.max_size)
+        resized = preprocess.resize_masks(masks, new_h, new_w)
+        scale_x = tf.cast(new_w, tf.float32) / tf.cast(width, tf.float32)
+        scale_y = tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32)
+        xmin, ymin = boxes_xyxy[:, 0] * scale_x, boxes_xyxy[:, 1] * scale_y
+        xmax, ymax = boxes_xyxy[:, 2] * scale_x, boxes_xyxy[:, 3] * scale_y
+        new_w_f = tf.cast(new_w, tf.float32)
+        xmin, xmax = tf.where(flip, new_w_f - xmax, xmin), tf.where(flip, new_w_f - xmin, xmax)
+        resized = tf.cond(flip, lambda: tf.reverse(resized, axis=[2]), lambda: resized)
+        targets = compute_targets(
+            tf.stack([ymin, xmin, ymax, xmax], axis=1),
+            classes,
+            preprocess.pad_to(resized, spec.pad),
+            is_crowd,
+            grids=spec.grids,
+            scale_ranges=spec.scale_ranges,
+            sigma=spec.sigma,
+        )
+        empty_after_resize = tf.reduce_sum(tf.cast(resized, tf.int32), axis=[1, 2]) == 0
+        return targets, empty_after_resize
+
+    return tf.function(
+        variant,
+        input_signature=[
+            tf.TensorSpec([None, None, None], tf.uint8),
+            tf.TensorSpec([None, 4], tf.float32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None], tf.bool),
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([], tf.bool),
+        ],
+    )
+
+
+@pytest.mark.skipif(
+    not (COCO_TINY / "annotations").is_dir(), reason=f"coco_tiny data not found at {COCO_TINY}"
+)
+def test_targets_equal_the_direct_computation_on_every_coco_tiny_image():
+    """All 160 images, official 800 / 1333 geometry (1344 pad), with and without flip: the
+    serialized targets and the degenerate counts are those of the direct computation."""
+    official = target_spec_for("solov2_r50_fpn_1x", "train")
+    spec = TargetSpec(official.grids, official.scale_ranges, official.sigma, 1333, ())
+    maker, dense_fn = TargetMaker(spec), _dense_variant_fn(spec)
+    totals = collections.Counter()
+    for image, example in enumerate(_coco_tiny_examples()):
+        variants = ((800, image % 2 == 0), (640, image % 2 == 1))
+        with_targets, counts = maker.add_targets(example, variants)
+        f = example.features.feature
+        masks = decode_rle_masks(example)
+        boxes = np.stack([f[k].float_list.value for k in features.OBJECT_BOX_KEYS], 1)
+        classes = np.asarray(f[features.OBJECT_CLASS].int64_list.value, np.int32)
+        is_crowd = np.asarray(f[features.OBJECT_IS_CROWD].int64_list.value) == 1
+        for k, (short_side, flip) in enumerate(variants):
+            expected, empty_after = dense_fn(
+                masks, boxes.astype(np.float32).reshape(-1, 4), classes, is_crowd, short_side, flip
+            )
+            for key, name, dtype in (
+                (features.SOLO_CELL_CLASS, "cell_class", tf.int32),
+                (features.SOLO_CELL_INSTANCE, "cell_instance", tf.int32),
+                (features.SOLO_INSTANCE_MASKS, "instance_masks", tf.uint8),
+            ):
+                np.testing.assert_array_equal(
+                    _tensor(with_targets, key, k, dtype),
+                    expected[name],
+                    err_msg=f"image {image}, variant {k}: {name}",
+                )
+            if k == 0:
+                empty = masks.reshape(len(masks), -1).sum(axis=1) == 0
+                num_cells = expected["instance_num_cells"].numpy()
+                empty_after = empty_after.numpy()
+                assert counts["empty_mask"] == (empty & ~is_crowd).sum()
+                assert counts["empty_after_resize"] == (empty_after & ~empty & ~is_crowd).sum()
+                assert (
+                    counts["no_positive_cells"]
+                    == ((num_cells == 0) & ~empty_after & ~is_crowd).sum()
+                )
+                assert counts["positive_instances"] == (num_cells > 0).sum()
+        totals.update(counts)
+    assert totals["crowd"] > 0 and totals["positive_instances"] > 1000

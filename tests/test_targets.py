@@ -3,7 +3,8 @@
 The reference below follows WXinlong/SOLO `solov2_target_single` line by line with Python loops
 (levels outer, instances inner, annotation order), scipy's centre of mass and a NumPy port of
 cv2's bilinear uint8 resize; it only maps the official outputs to our compact per-cell format
-(later instance wins a shared cell, see `compute_targets`).
+(later instance wins a shared cell, see `compute_targets`). `compute_targets_from_runs` (the
+same targets from run lengths and a resize's index maps) is checked against both.
 """
 
 import math
@@ -21,6 +22,7 @@ from models.targets import (
     SCALE_RANGES,
     SIGMA,
     compute_targets,
+    compute_targets_from_runs,
     downsample_masks,
     level_offsets,
     num_cells,
@@ -163,6 +165,77 @@ def boundary_instances(height: int, width: int):
 def assert_same(actual: dict, expected: dict):
     for key in ("cell_class", "cell_instance", "instance_masks", "instance_num_cells"):
         np.testing.assert_array_equal(np.asarray(actual[key]), expected[key], err_msg=key)
+
+
+def mask_runs(masks: np.ndarray) -> tf.RaggedTensor:
+    """`[N, H, W]` {0,1} masks -> COCO uncompressed RLE run lengths `[N, (M)]` (plain NumPy).
+
+    Column-major pixels, alternating background / foreground runs, background first.
+    """
+    runs = []
+    for mask in masks:
+        flat = mask.T.reshape(-1)
+        change = np.flatnonzero(np.diff(flat)) + 1
+        bounds = np.concatenate([[0], change, [flat.size]])
+        lengths = np.diff(bounds).tolist()
+        runs.append(([0] + lengths) if flat[0] else lengths)
+    return tf.RaggedTensor.from_row_lengths(
+        np.concatenate([np.zeros(0, np.int64)] + [np.asarray(r, np.int64) for r in runs]),
+        [len(r) for r in runs],
+    )
+
+
+def resized_padded(masks, rows, cols, flip, padded_height, padded_width):
+    """The masks `compute_targets_from_runs` stands for: select, mirror, zero-pad (NumPy)."""
+    resized = masks[:, rows][:, :, cols]
+    if flip:
+        resized = resized[:, :, ::-1]
+    out = np.zeros((len(masks), padded_height, padded_width), np.uint8)
+    out[:, : len(rows), : len(cols)] = resized
+    return out
+
+
+def _from_runs(boxes, classes, runs, is_crowd, size, rows, cols, flip, padded):
+    return compute_targets_from_runs(
+        boxes,
+        classes,
+        runs,
+        is_crowd,
+        source_height=size[0],
+        source_width=size[1],
+        source_rows=rows,
+        source_cols=cols,
+        flip=flip,
+        padded_height=padded[0],
+        padded_width=padded[1],
+    )
+
+
+_from_runs_graph = tf.function(
+    _from_runs,
+    input_signature=[
+        tf.TensorSpec([None, 4], tf.float32),
+        tf.TensorSpec([None], tf.int32),
+        tf.RaggedTensorSpec([None, None], tf.int64),
+        tf.TensorSpec([None], tf.bool),
+        tf.TensorSpec([2], tf.int32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([], tf.bool),
+        tf.TensorSpec([2], tf.int32),
+    ],
+)
+
+
+def from_runs(
+    boxes, classes, masks, is_crowd, rows, cols, flip, padded_height, padded_width, graph=False
+):
+    """`compute_targets_from_runs` on the runs of `[N, H0, W0]` masks (eager or `tf.function`)."""
+    fn = _from_runs_graph if graph else _from_runs
+    return fn(
+        *(boxes, classes, mask_runs(masks), is_crowd, masks.shape[1:]),
+        *(rows, cols, flip, (padded_height, padded_width)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,6 +402,159 @@ def test_same_results_in_tf_function_and_tf_data():
         assert_same(actual, {k: v.numpy() for k, v in expected.items()})
 
 
+def random_index_map(rng: np.random.Generator, size: int, new_size: int) -> np.ndarray:
+    """A non-decreasing source index per resized index: a nearest resize, or sorted random picks
+    (repeats and skips of any length)."""
+    if rng.random() < 0.5:
+        return np.minimum((np.arange(new_size) + 0.5) * size / new_size, size - 1).astype(np.int64)
+    return np.sort(rng.integers(0, size, new_size))
+
+
+def special_masks(height: int, width: int) -> np.ndarray:
+    """Masks whose runs wrap columns, touch every border, or change at every pixel."""
+    masks = np.zeros((8, height, width), np.uint8)
+    masks[0] = 1  # one run over every column
+    masks[1, :, 2:5] = 1  # whole columns: one run wrapping three columns
+    masks[2, -1, :] = 1  # last row: a one-pixel run per column
+    masks[3, 0, 0] = masks[3, -1, -1] = 1  # first and last pixel
+    masks[4] = (np.add.outer(np.arange(height), np.arange(width)) % 2).astype(np.uint8)
+    masks[5] = np.random.default_rng(5).random((height, width)) < 0.3
+    masks[6, height // 3 :, : width // 2] = 1  # bottom-left block: runs wrap columns
+    return masks  # masks[7]: empty
+
+
+@pytest.mark.parametrize(
+    ("source", "resized", "padded", "n", "seed"),
+    [
+        ((97, 131), (160, 217), (160, 224), 12, 0),  # upscale, tight pad
+        ((480, 640), (800, 1067), (1344, 1344), 20, 1),  # COCO at the official 800 / 1333
+        ((333, 500), (96, 144), (128, 160), 15, 2),  # downscale
+        ((64, 48), (64, 48), (64, 64), 10, 3),  # identity
+        ((1, 300), (21, 37), (32, 64), 0, 4),  # one source row (special masks only)
+    ],
+)
+def test_from_runs_equals_compute_targets_on_the_resized_masks(source, resized, padded, n, seed):
+    """The runs path gives what `compute_targets` gives on the selected, mirrored, padded masks."""
+    rng = np.random.default_rng(seed)
+    boxes, classes, masks, is_crowd = random_instances(rng, *source, n)
+    masks = np.concatenate([masks, special_masks(*source)])
+    extra = len(masks) - n
+    boxes = np.concatenate([boxes, np.tile([[0, 0, *source]], (extra, 1))]).astype(np.float32)
+    classes = np.concatenate([classes, np.arange(extra, dtype=np.int32)])
+    is_crowd = np.concatenate([is_crowd, np.zeros(extra, bool)])
+    boxes *= np.tile(np.divide(resized, source), 2).astype(np.float32)  # at the resized size
+    rows = random_index_map(rng, source[0], resized[0])
+    cols = random_index_map(rng, source[1], resized[1])
+    for flip in (False, True):
+        dense = resized_padded(masks, rows, cols, flip, *padded)
+        expected = {
+            k: v.numpy() for k, v in compute_targets(boxes, classes, dense, is_crowd).items()
+        }
+        assert (expected["cell_instance"] >= 0).any()
+        actual = from_runs(boxes, classes, masks, is_crowd, rows, cols, flip, *padded)
+        assert_same(actual, expected)
+        np.testing.assert_array_equal(actual["instance_area"], dense.sum(axis=(1, 2)))
+        np.testing.assert_array_equal(actual["instance_area"], expected["instance_area"])
+
+
+def test_from_runs_matches_reference_on_boundary_instances():
+    """Exact mid-image centres and scales on the range bounds, through identity index maps."""
+    for height, width in [(256, 256), (800, 1216)]:
+        boxes, classes, masks, is_crowd = boundary_instances(height, width)
+        rows, cols = np.arange(height), np.arange(width)
+        actual = from_runs(boxes, classes, masks, is_crowd, rows, cols, False, height, width)
+        assert_same(actual, reference_targets(boxes, classes, masks, is_crowd))
+
+
+def test_exact_division_when_the_pad_is_a_graph_constant():
+    """With a fixed pad the padded size is a graph constant, and Grappler rewrites `x / constant`
+    as `x * (1 / constant)`: `280 * (1 / 1344) // (1 / 24) == 4.0`, but the official
+    `(280 / 1344) // (1 / 24) == 5.0`. Centre of mass exactly 280 (rows 180..380) and a 600 px
+    high box, so the 3 x 3 clamp around the centre cell decides the region: rows 4..6 of the
+    24-grid, not 3..5."""
+    masks = np.zeros((1, 1344, 1344), np.uint8)
+    masks[0, 180:381, 600:801] = 1
+    boxes, classes, is_crowd = np.array([[0, 600, 600, 800]], np.float32), [3], [False]
+    expected = reference_targets(boxes, np.array(classes), masks, is_crowd)
+    level2 = expected["cell_instance"][LEVEL_OFFSETS[2] : LEVEL_OFFSETS[3]].reshape(24, 24)
+    assert np.flatnonzero((level2 >= 0).any(axis=1)).tolist() == [4, 5, 6]
+
+    rows = cols = np.arange(1344)
+    constant_pad = tf.function(
+        lambda runs: compute_targets_from_runs(
+            boxes,
+            classes,
+            runs,
+            is_crowd,
+            source_height=1344,
+            source_width=1344,
+            source_rows=rows,
+            source_cols=cols,
+            flip=False,
+            padded_height=1344,
+            padded_width=1344,
+        )
+    )
+    assert_same(constant_pad(mask_runs(masks)), expected)
+    static_shape = tf.function(
+        compute_targets,
+        input_signature=[
+            tf.TensorSpec([None, 4], tf.float32),
+            tf.TensorSpec([None], tf.int32),
+            tf.TensorSpec([None, 1344, 1344], tf.uint8),
+            tf.TensorSpec([None], tf.bool),
+        ],
+    )
+    assert_same(static_shape(boxes, classes, masks, is_crowd), expected)
+
+
+def test_from_runs_empty_image():
+    out = compute_targets_from_runs(
+        np.zeros((0, 4), np.float32),
+        np.zeros((0,), np.int32),
+        tf.RaggedTensor.from_row_lengths(np.zeros(0, np.int64), np.zeros(0, np.int64)),
+        np.zeros((0,), bool),
+        source_height=30,
+        source_width=40,
+        source_rows=np.arange(60) // 2,
+        source_cols=np.arange(80) // 2,
+        flip=True,
+        padded_height=64,
+        padded_width=96,
+    )
+    np.testing.assert_array_equal(out["cell_class"], np.full(NUM_CELLS, -1))
+    assert out["instance_masks"].shape == (0, 16, 24)
+    assert out["instance_masks"].dtype == tf.uint8
+
+
+def test_from_runs_rejects_bad_geometry():
+    masks = np.zeros((1, 10, 12), np.uint8)
+    masks[0, 2:5, 3:9] = 1
+    args = (np.array([[2, 3, 5, 9]], np.float32), [0], masks, [False])
+    rows, cols = np.arange(10), np.arange(12)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of 32"):
+        from_runs(*args, rows, cols, False, 32, 48)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-decreasing"):
+        from_runs(*args, rows[::-1], cols, False, 32, 32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-decreasing"):
+        from_runs(*args, rows, cols + 1, False, 32, 32)  # source column 12 does not exist
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-decreasing"):
+        from_runs(*args, np.arange(40) // 4, cols, False, 32, 32)  # 40 rows do not fit in 32
+    with pytest.raises(tf.errors.InvalidArgumentError, match="cover"):
+        compute_targets_from_runs(
+            *args[:2],
+            tf.ragged.constant([[5, 3]], tf.int64),
+            args[3],
+            source_height=10,
+            source_width=12,
+            source_rows=rows,
+            source_cols=cols,
+            flip=False,
+            padded_height=32,
+            padded_width=32,
+        )
+
+
 def _coco_images():
     from pycocotools.coco import COCO
 
@@ -342,30 +568,36 @@ def _coco_images():
 
 
 def _resize_and_pad(info, anns, class_index, coco, short=800, long_cap=1333):
-    """Official Resize (keep ratio, 800 / 1333) with nearest-neighbour masks, then Pad to 32."""
+    """Official Resize (keep ratio, 800 / 1333) with nearest-neighbour masks, then Pad to 32.
+
+    Returns the `compute_targets` inputs, then the original masks and the row / column maps.
+    """
     h, w = info["height"], info["width"]
     scale = min(short / min(h, w), long_cap / max(h, w))
     new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
     pad_h, pad_w = -(-new_h // 32) * 32, -(-new_w // 32) * 32
     rows = np.minimum((np.arange(new_h) + 0.5) * h / new_h, h - 1).astype(np.int64)
     cols = np.minimum((np.arange(new_w) + 0.5) * w / new_w, w - 1).astype(np.int64)
+    source = np.stack([coco.annToMask(ann) for ann in anns])
     masks = np.zeros((len(anns), pad_h, pad_w), np.uint8)
+    masks[:, :new_h, :new_w] = source[:, rows][:, :, cols]
     boxes = np.zeros((len(anns), 4), np.float32)
     for i, ann in enumerate(anns):
-        masks[i, :new_h, :new_w] = coco.annToMask(ann)[rows][:, cols]
         x, y, bw, bh = ann["bbox"]
         sy, sx = new_h / h, new_w / w
         boxes[i] = [y * sy, x * sx, (y + bh) * sy, (x + bw) * sx]
     classes = np.array([class_index[a["category_id"]] for a in anns], np.int32)
     is_crowd = np.array([a["iscrowd"] for a in anns], bool)
-    return boxes, classes, masks, is_crowd
+    return (boxes, classes, masks, is_crowd), source, rows, cols
 
 
 @pytest.mark.skipif(
     not (COCO_TINY / "annotations").is_dir(), reason=f"coco_tiny data not found at {COCO_TINY}"
 )
 def test_matches_reference_on_every_coco_tiny_image():
-    """All 160 real images at the official 800 / 1333 size (polygons, multi-polygons, crowd RLE)."""
+    """All 160 real images at the official 800 / 1333 size (polygons, multi-polygons, crowd RLE),
+    from the resized masks (`compute_targets`) and from the original masks' runs plus the
+    resize's index maps (`compute_targets_from_runs`)."""
     targets_fn = tf.function(
         compute_targets,
         input_signature=[
@@ -377,10 +609,16 @@ def test_matches_reference_on_every_coco_tiny_image():
     )
     checked, crowd, positives = 0, 0, 0
     for info, anns, class_index, coco in _coco_images():
-        inputs = _resize_and_pad(info, anns, class_index, coco)
+        inputs, source, rows, cols = _resize_and_pad(info, anns, class_index, coco)
         expected = reference_targets(*inputs)
+        pad_h, pad_w = inputs[2].shape[1:]
+        boxes, classes, _, is_crowd = inputs
         try:
             assert_same(targets_fn(*inputs), expected)
+            runs = from_runs(
+                boxes, classes, source, is_crowd, rows, cols, False, pad_h, pad_w, graph=True
+            )
+            assert_same(runs, expected)
         except AssertionError as error:
             raise AssertionError(f"image {info['id']} ({info['file_name']})") from error
         checked += 1

@@ -3,15 +3,21 @@
 Pipeline shape, per input split (one annotation file):
 
     Create([json path]) -> ParseAndIndex (one worker reads the JSON, checks every record)
-        -> Reshuffle (spreads image tasks over workers; tasks carry no pixels)
+        -> Reshuffle (spreads image tasks over workers; tasks carry no pixels, and their
+           annotations travel compressed)
         -> BuildExamples (read, check, encode one image at a time)
         -> [hash partition by image id, when splitting one file]
         -> WriteSplit (the stock ExampleGen writer: gzip TFRecords under Split-<name>/)
 
-Every rejection and every written image also flows into one combiner that writes
-`ingestion_report.json` into the Examples artifact; `Do` then copies its totals into the
-artifact's custom properties (so they are queryable in ML Metadata) and fails the run when the
-rejected fraction exceeds `max_reject_fraction`.
+Everything from BuildExamples up to WriteSplit's own Reshuffle runs fused, one image at a time,
+so no example waits between our steps. WriteSplit then shuffles the encoded examples, which the
+DirectRunner holds in memory about four times over at its peak: that is TFX's, not ours (see
+README, "Memory", and `benchmarks/ingestion.py`, which measures it alone).
+
+Every rejection and every written image (as its split name and annotation count) also flows
+into one combiner that writes `ingestion_report.json` into the Examples artifact; `Do` then
+copies its totals into the artifact's custom properties (so they are queryable in ML Metadata)
+and fails the run when the rejected fraction exceeds `max_reject_fraction`.
 
 Options come from `custom_config` (see `component.CocoExampleGen`): `image_dirs` (split name ->
 image root relative to `input_base`; default: inferred per split), `max_pixels`, and
@@ -329,10 +335,13 @@ class CocoExecutor(BaseExampleGenExecutor):
     def _scan_inputs(
         self, input_base: str, annotation_paths: dict[str, str], image_dirs: dict[str, str]
     ) -> tuple[CategoryMap, dict[str, str]]:
-        """One light pass over the annotation files: the shared category map and image roots."""
+        """One light pass over the annotation files: the shared category map and image roots.
+
+        It runs in the launcher process, so it drops annotations as it parses them.
+        """
         categories, image_roots = [], {}
         for split_name, path in annotation_paths.items():
-            data = read_coco_json(path)
+            data = read_coco_json(path, annotations=False)
             categories += data["categories"]
             if split_name in image_dirs:
                 image_roots[split_name] = os.path.join(input_base, image_dirs[split_name])

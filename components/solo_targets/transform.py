@@ -10,20 +10,26 @@ multi-scale resize both change which cells an object occupies, so targets cannot
 rescaled after the fact. Materialising (short side x flip) variants in Beam keeps training free
 of assignment work and keeps the augmentation random per step (the trainer draws a variant per
 image per step), at the cost of K copies of the 1/4-scale masks (gzip-compressed binary maps).
-`benchmarks/targets.py` and `benchmarks/solo_targets.py` measure the costs.
+`benchmarks/targets.py` measures the cost per image.
+
+Masks are never decoded to pixels here: the example's compressed RLE is parsed to run lengths
+once per image, and `models.targets.compute_targets_from_runs` computes every variant from the
+runs plus the source index maps of `preprocess.resize_masks` (see `nearest_source_indices`),
+with the same values as `compute_targets` on the resized, flipped, padded masks (tested).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow as tf
 from pycocotools import mask as mask_utils
 
 from models import preprocess
-from models.targets import compute_targets
+from models.targets import compute_targets_from_runs
 from schemas import features
 
 
@@ -43,7 +49,7 @@ class TargetSpec:
 
 
 def decode_rle_masks(example: tf.train.Example) -> np.ndarray:
-    """[N, H, W] uint8 masks from the example's compressed RLE."""
+    """[N, H, W] uint8 masks from the example's compressed RLE (pycocotools)."""
     f = example.features.feature
     height = f[features.IMAGE_HEIGHT].int64_list.value[0]
     width = f[features.IMAGE_WIDTH].int64_list.value[0]
@@ -56,28 +62,134 @@ def decode_rle_masks(example: tf.train.Example) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
 
 
+def rle_runs(counts: tf.Tensor) -> tf.RaggedTensor:
+    """`[N]` compressed COCO RLE strings -> `[N, (M)]` int64 run lengths (uncompressed RLE).
+
+    pycocotools' `rleFrString`, vectorized over all characters of all strings. A value is
+    written as 5-bit groups, least significant first, each as the character `48 + group`, plus
+    32 when another group follows; bit 4 of the last group is the sign. From the third value
+    on, a value is stored as its difference to the value two before.
+    """
+    chars = tf.strings.unicode_decode(counts, "UTF-8")
+    code = tf.cast(chars.flat_values - 48, tf.int64)
+    last = tf.equal(tf.bitwise.bitwise_and(code, 32), 0)  # the last group of a value
+    value = tf.cumsum(tf.cast(last, tf.int64), exclusive=True)  # the value each group belongs to
+    num_values = tf.reduce_sum(tf.cast(last, tf.int64))
+    position = tf.range(tf.size(code, out_type=tf.int64))
+    group = position - tf.gather(tf.math.unsorted_segment_min(position, value, num_values), value)
+    bits = tf.bitwise.left_shift(tf.bitwise.bitwise_and(code, 31), 5 * group)
+    # A negative value: x |= -1 << 5 * (group + 1), i.e. x - 2 ** (5 * (group + 1)).
+    sign = tf.bitwise.left_shift(tf.constant(1, tf.int64), 5 * (group + 1))
+    negative = last & tf.not_equal(tf.bitwise.bitwise_and(code, 16), 0)
+    bits -= tf.where(negative, sign, tf.zeros_like(sign))
+    deltas = tf.math.unsorted_segment_sum(bits, value, num_values)
+
+    # Every string ends with a whole value: row i's values start at the value of its first char.
+    splits = tf.gather(tf.concat([value, [num_values]], 0), chars.row_splits)
+    row = tf.searchsorted(splits[1:], tf.range(num_values), side="right")
+    first = tf.gather(splits, row)  # flat index of the row's value 0
+    index = tf.range(num_values) - first
+    # Undo the differences: from value 1 on, a value is the sum of the deltas of its parity.
+    summed = tf.where(index == 0, tf.zeros_like(deltas), deltas)
+    runs = deltas
+    for parity in (0, 1):
+        own = tf.equal(index % 2, parity)
+        cumulative = tf.cumsum(tf.where(own, summed, tf.zeros_like(summed)))
+        runs = tf.where(own & (index > 0), cumulative - tf.gather(cumulative, first), runs)
+    return tf.RaggedTensor.from_row_splits(runs, splits, validate=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def nearest_source_indices(
+    height: int, width: int, new_height: int, new_width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source row of each of the `new_height` rows and source column of each of the `new_width`
+    columns that `preprocess.resize_masks` copies (int32 `[new_height]`, `[new_width]`).
+
+    Asked of the resize itself rather than re-derived: a ramp 0, 1, ... (as three base-256
+    digits, one uint8 mask each) is resized along each axis. Nearest-neighbour resizing picks
+    rows and columns independently, so these maps are the whole resize. Cached: COCO images
+    come in few sizes.
+    """
+
+    def source(size: int, new_size: int, axis: int) -> np.ndarray:
+        ramp = np.arange(size)
+        digits = np.stack([(ramp >> shift) & 255 for shift in (0, 8, 16)]).astype(np.uint8)
+        digits = np.expand_dims(digits, 2 - axis)  # [3, size, 1] (rows) or [3, 1, size] (columns)
+        resized = preprocess.resize_masks(
+            digits, *((new_size, 1) if axis == 0 else (1, new_size))
+        ).numpy()
+        digit = resized.reshape(3, new_size).astype(np.int64)
+        return (digit[0] | digit[1] << 8 | digit[2] << 16).astype(np.int32)
+
+    if max(height, width) >= 1 << 24:
+        raise ValueError(f"image {height}x{width} too large for 3-digit source indices")
+    return source(height, new_height, 0), source(width, new_width, 1)
+
+
+# Targets stored in the example (as `tf.io.serialize_tensor` bytes), by feature key.
+_SERIALIZED = {
+    "cell_class": features.SOLO_CELL_CLASS,
+    "cell_instance": features.SOLO_CELL_INSTANCE,
+    "instance_masks": features.SOLO_INSTANCE_MASKS,
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def _variant_geometry(height: int, width: int, short_side: int, max_size: int) -> tuple:
+    """(resized height, width, source rows, source columns as int32 tensors) of one variant.
+
+    Cached: COCO images come in few sizes, so each geometry is computed once per worker.
+    """
+    new_height, new_width = preprocess.resized_shape(height, width, short_side, max_size)
+    new_height, new_width = int(new_height), int(new_width)
+    rows, cols = nearest_source_indices(height, width, new_height, new_width)
+    return new_height, new_width, tf.constant(rows), tf.constant(cols)
+
+
 class TargetMaker:
     """Adds SOLO target variants to CocoExampleGen examples. Build once per worker."""
 
     def __init__(self, spec: TargetSpec):
         self.spec = spec
-        self._variant_fn = tf.function(
-            self._variant,
-            input_signature=[
-                tf.TensorSpec([None, None, None], tf.uint8),  # masks [N, H, W]
+        self._functions = {}  # number of variants -> concrete function
+
+    def _targets_fn(self, num_variants: int):
+        """One graph call per image: the RLE is parsed once, then each variant is computed and
+        serialized. A concrete function, called with tensors (the cheapest call)."""
+        if num_variants not in self._functions:
+            per_variant = [tf.TensorSpec([None], tf.int32)] * num_variants
+            self._functions[num_variants] = tf.function(self._targets).get_concrete_function(
+                tf.TensorSpec([None], tf.string),  # compressed RLE counts [N]
                 tf.TensorSpec([None, 4], tf.float32),  # boxes xyxy, original pixels
                 tf.TensorSpec([None], tf.int32),  # classes
                 tf.TensorSpec([None], tf.bool),  # crowd
-                tf.TensorSpec([], tf.int32),  # short side
-                tf.TensorSpec([], tf.bool),  # flip
-            ],
-        )
+                tf.TensorSpec([2], tf.int32),  # original (height, width)
+                per_variant,  # source row of each resized row
+                per_variant,  # source column of each resized column
+                tf.TensorSpec([num_variants], tf.bool),  # flip
+            )
+        return self._functions[num_variants]
 
-    def _variant(self, masks, boxes_xyxy, classes, is_crowd, short_side, flip):
+    def _targets(self, rles, boxes_xyxy, classes, is_crowd, size, source_rows, source_cols, flips):
+        runs = rle_runs(rles)
+        outputs = []
+        for k, (rows, cols) in enumerate(zip(source_rows, source_cols)):
+            targets = self._variant(runs, boxes_xyxy, classes, is_crowd, size, rows, cols, flips[k])
+            serialized = {name: tf.io.serialize_tensor(targets[name]) for name in _SERIALIZED}
+            outputs.append(
+                {
+                    **serialized,
+                    "instance_num_cells": targets["instance_num_cells"],
+                    "instance_area": targets["instance_area"],
+                }
+            )
+        return outputs
+
+    def _variant(self, runs, boxes_xyxy, classes, is_crowd, size, source_rows, source_cols, flip):
         spec = self.spec
-        height, width = tf.shape(masks)[1], tf.shape(masks)[2]
-        new_h, new_w = preprocess.resized_shape(height, width, short_side, spec.max_size)
-        resized = preprocess.resize_masks(masks, new_h, new_w)
+        height, width = size[0], size[1]
+        new_h, new_w = tf.shape(source_rows)[0], tf.shape(source_cols)[0]
         scale_x = tf.cast(new_w, tf.float32) / tf.cast(width, tf.float32)
         scale_y = tf.cast(new_h, tf.float32) / tf.cast(height, tf.float32)
         xmin, ymin = boxes_xyxy[:, 0] * scale_x, boxes_xyxy[:, 1] * scale_y
@@ -87,19 +199,22 @@ class TargetMaker:
             tf.where(flip, new_w_f - xmax, xmin),
             tf.where(flip, new_w_f - xmin, xmax),
         )
-        resized = tf.cond(flip, lambda: tf.reverse(resized, axis=[2]), lambda: resized)
-        padded = preprocess.pad_to(resized, spec.pad)
-        targets = compute_targets(
+        return compute_targets_from_runs(
             tf.stack([ymin, xmin, ymax, xmax], axis=1),
             classes,
-            padded,
+            runs,
             is_crowd,
+            source_height=height,
+            source_width=width,
+            source_rows=source_rows,
+            source_cols=source_cols,
+            flip=flip,
+            padded_height=spec.pad,
+            padded_width=spec.pad,
             grids=spec.grids,
             scale_ranges=spec.scale_ranges,
             sigma=spec.sigma,
         )
-        empty_after_resize = tf.reduce_sum(tf.cast(resized, tf.int32), axis=[1, 2]) == 0
-        return targets, new_h, new_w, empty_after_resize
 
     def add_targets(
         self, example: tf.train.Example, variants: tuple[tuple[int, bool], ...] | None = None
@@ -113,36 +228,50 @@ class TargetMaker:
         """
         variants = variants or self.spec.variants
         f = example.features.feature
-        masks = decode_rle_masks(example)
+        height = f[features.IMAGE_HEIGHT].int64_list.value[0]
+        width = f[features.IMAGE_WIDTH].int64_list.value[0]
+        rles = list(f[features.OBJECT_MASK_RLE].bytes_list.value)
         boxes = np.stack(
             [np.asarray(f[k].float_list.value, np.float32) for k in features.OBJECT_BOX_KEYS],
             axis=1,
         ).reshape(-1, 4)
         classes = np.asarray(f[features.OBJECT_CLASS].int64_list.value, np.int32)
         is_crowd = np.asarray(f[features.OBJECT_IS_CROWD].int64_list.value, np.int64) == 1
+        geometry = [
+            _variant_geometry(height, width, side, self.spec.max_size) for side, _ in variants
+        ]
+        all_targets = self._targets_fn(len(variants))(
+            tf.constant(rles, tf.string),
+            tf.constant(boxes),
+            tf.constant(classes),
+            tf.constant(is_crowd),
+            tf.constant([height, width], tf.int32),
+            [rows for _, _, rows, _ in geometry],
+            [cols for _, _, _, cols in geometry],
+            tf.constant([flip for _, flip in variants], tf.bool),
+        )
 
         out = tf.train.Example()
         out.CopyFrom(example)
         g = out.features.feature
         counts = collections.Counter(instances=len(classes))
-        for k, (short_side, flip) in enumerate(variants):
-            targets, new_h, new_w, empty_after = self._variant_fn(
-                masks, boxes, classes, is_crowd, tf.constant(short_side), tf.constant(flip)
-            )
+        for k, ((short_side, flip), (new_h, new_w, _, _), targets) in enumerate(
+            zip(variants, geometry, all_targets)
+        ):
             g[features.SOLO_VARIANT_SHORT_SIDE].int64_list.value.append(short_side)
             g[features.SOLO_VARIANT_FLIP].int64_list.value.append(int(flip))
-            g[features.SOLO_VARIANT_RESIZED_HEIGHT].int64_list.value.append(int(new_h))
-            g[features.SOLO_VARIANT_RESIZED_WIDTH].int64_list.value.append(int(new_w))
-            for key, name in (
-                (features.SOLO_CELL_CLASS, "cell_class"),
-                (features.SOLO_CELL_INSTANCE, "cell_instance"),
-                (features.SOLO_INSTANCE_MASKS, "instance_masks"),
-            ):
-                g[key].bytes_list.value.append(tf.io.serialize_tensor(targets[name]).numpy())
+            g[features.SOLO_VARIANT_RESIZED_HEIGHT].int64_list.value.append(new_h)
+            g[features.SOLO_VARIANT_RESIZED_WIDTH].int64_list.value.append(new_w)
+            for name, key in _SERIALIZED.items():
+                g[key].bytes_list.value.append(targets[name].numpy())
             if k == 0:
                 num_cells = targets["instance_num_cells"].numpy()
-                empty = masks.reshape(len(masks), -1).sum(axis=1) == 0
-                empty_after = empty_after.numpy()
+                empty = (
+                    mask_utils.area([{"size": [height, width], "counts": c} for c in rles]) == 0
+                    if rles
+                    else np.zeros(0, bool)
+                )
+                empty_after = targets["instance_area"].numpy() == 0
                 counts["crowd"] += int(is_crowd.sum())
                 counts["empty_mask"] += int((empty & ~is_crowd).sum())
                 counts["empty_after_resize"] += int((empty_after & ~empty & ~is_crowd).sum())
