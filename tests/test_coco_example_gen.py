@@ -1,4 +1,5 @@
-"""CocoExampleGen: exact round trip on real COCO files, and every bad-input case reported."""
+"""CocoExampleGen: exact round trip on real COCO files, every bad-input case reported, and
+output laid out as the stock ExampleGen writer lays it out."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import tracemalloc
 import zlib
@@ -17,6 +19,11 @@ import tensorflow as tf
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenExecutor
+from tfx.components.util import examples_utils
+from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
+from tfx.proto import example_gen_pb2
+from tfx.types import standard_artifacts
 
 from components.coco_example_gen.coco_reader import (
     CategoryMap,
@@ -24,7 +31,10 @@ from components.coco_example_gen.coco_reader import (
     index_coco,
     read_coco_json,
     resolve_image_path,
+    unpack_annotation,
 )
+from components.coco_example_gen.component import CocoExampleGen, executor_exec_properties
+from components.coco_example_gen.executor import CocoExecutor
 from schemas import features
 from tests.example_gen_utils import feature_values, read_examples, read_report, run_example_gen
 
@@ -402,7 +412,7 @@ def test_file_names_never_escape_the_root(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Memory: what crosses a shuffle is compact, and the first scan holds no annotations.
+# Memory: what crosses a shuffle is compact, and no parse holds every parsed annotation.
 
 
 def test_image_tasks_cross_a_shuffle_exactly():
@@ -437,7 +447,20 @@ def test_image_tasks_are_compact_on_real_coco(coco_tiny_dir):
     assert sum(map(len, encoded)) < 0.6 * plain  # 0.46 with zlib 1.2.x.
 
 
-def test_reading_without_annotations_never_holds_them(tmp_path):
+def test_packed_annotations_index_exactly_as_parsed_ones(coco_tiny_dir, bad_dataset):
+    for path in (
+        os.path.join(coco_tiny_dir, "annotations", "instances_val2017.json"),
+        os.path.join(bad_dataset[0], "annotations", "instances_all.json"),
+    ):
+        plain = read_coco_json(path)
+        categories = CategoryMap.from_coco_categories(plain["categories"])
+        expected = [repr(item) for item in index_coco(plain, "x", categories)]
+        packed = read_coco_json(path, packed=True)
+        assert all(isinstance(a, bytes) for a in packed["annotations"])
+        assert [repr(item) for item in index_coco(packed, "x", categories)] == expected
+
+
+def test_reading_never_holds_every_parsed_annotation(tmp_path):
     rng = np.random.default_rng(0)
     images = [{"id": i, "file_name": f"{i}.jpg", "height": 480, "width": 640} for i in range(50)]
     annotations = [
@@ -469,5 +492,70 @@ def test_reading_without_annotations_never_holds_them(tmp_path):
     scan, scan_peak = parse_peak(annotations=False)
     assert scan["images"] == images and scan["categories"] == categories
     assert scan["annotations"] == [None] * len(annotations)
+    packed, packed_peak = parse_peak(packed=True)
+    assert [unpack_annotation(a) for a in packed["annotations"]] == annotations
     # The file's text is read either way; the parsed polygons are several times its size.
-    assert scan_peak < 2.5 * path.stat().st_size < full_peak
+    assert max(scan_peak, packed_peak) < 2.5 * path.stat().st_size < full_peak
+
+
+# --------------------------------------------------------------------------------------------
+# The writer: what the stock ExampleGen writer would produce, without its shuffle.
+
+
+class _StockWriterExecutor(CocoExecutor):
+    """The stock `BaseExampleGenExecutor.Do` (`WriteSplit`) writing our examples, and no more
+    (no category map, no report totals in the artifact)."""
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        self._report_dir = output_dict["examples"][0].uri
+        BaseExampleGenExecutor.Do(self, input_dict, output_dict, exec_properties)
+
+
+def _layout(uri: str) -> dict[str, list[str]]:
+    """Folder -> sorted file names under an artifact, with shard numbers masked."""
+    layout = {}
+    for folder, _, names in os.walk(uri):
+        rel = os.path.relpath(folder, uri)
+        layout[rel] = sorted(re.sub(r"-\d{5}-of-\d{5}\.", "-N-of-N.", n) for n in names)
+    return layout
+
+
+def _examples_by_image_id(uri: str, split: str) -> dict[int, tf.train.Example]:
+    examples = read_examples(uri, split)
+    by_id = {feature_values(e, features.IMAGE_ID)[0]: e for e in examples}
+    assert len(by_id) == len(examples)  # No image twice.
+    return by_id
+
+
+def test_output_is_what_the_stock_writer_writes(coco_tiny_examples, tmp_path):
+    coco_dir, ours = coco_tiny_examples
+    component = CocoExampleGen(
+        coco_dir,
+        split_files={
+            "train": "annotations/instances_train2017.json",
+            "eval": "annotations/instances_val2017.json",
+        },
+    )
+    stock = standard_artifacts.Examples()
+    stock.uri = str(tmp_path / "stock")
+    context = BaseBeamExecutor.Context(
+        beam_pipeline_args=["--direct_num_workers=1"], tmp_dir=str(tmp_path / "tmp")
+    )
+    _StockWriterExecutor(context).Do({}, {"examples": [stock]}, executor_exec_properties(component))
+
+    layout = _layout(ours.uri)
+    layout["."].remove(features.CATEGORY_MAP_FILENAME)
+    assert layout == _layout(stock.uri)
+    assert layout["Split-train"] == layout["Split-eval"] == ["data_tfrecord-N-of-N.gz"]
+    assert ours.split_names == stock.split_names == '["train", "eval"]'
+    stock_props = dict(stock.mlmd_artifact.custom_properties)
+    assert sorted(stock_props) == ["file_format", "payload_format"]
+    assert stock_props.items() <= dict(ours.mlmd_artifact.custom_properties).items()
+    assert examples_utils.get_payload_format(ours) == example_gen_pb2.FORMAT_TF_EXAMPLE
+    assert examples_utils.get_file_format(ours) == "tfrecords_gzip"
+
+    for split, json_name in (("train", "train2017"), ("eval", "val2017")):
+        examples = _examples_by_image_id(ours.uri, split)
+        assert examples == _examples_by_image_id(stock.uri, split)  # Only the order may differ.
+        with open(os.path.join(coco_dir, "annotations", f"instances_{json_name}.json")) as f:
+            assert sorted(examples) == sorted(image["id"] for image in json.load(f)["images"])
