@@ -11,8 +11,9 @@ Inputs are real coco_tiny images with all their annotations, as CocoExampleGen s
 the demo (`demo_cpu`: 256, 352 pad). Times are warm medians in milliseconds per image (each
 function called `--repeats` times in a row, image after image):
 
-* `target_gen_ms`: what SoloTargetGen does per image and variant, `TargetMaker.add_targets`
-  with one variant (test scale, no flip): RLE runs in, serialized targets in the example out.
+* `target_gen_ms`: what SoloTargetGen does per image and variant, as its DoFn calls it:
+  `TargetMaker.add_targets_to_record` with one variant (test scale, no flip), the serialized
+  example in (masks as RLE), the serialized example with its targets out.
 * `target_gen_recipe_ms`: the same with the training split's variants (short side x flip).
 * `dense_compute_targets_ms`: `models.targets.compute_targets` alone, on full-resolution masks
   already decoded, resized (nearest) and padded to multiples of 32, `tf.function` traced once.
@@ -136,10 +137,10 @@ def _geometry_report(images: list[dict], experiment: str, repeats: int) -> dict:
     per_image = []
     for image in images:
         dense = _dense_inputs(image, spec.variants[0][0], spec.max_size)
-        example = image["example"]
+        record = image["example"].SerializeToString()
         fns = {
-            "target_gen": lambda e=example: maker.add_targets(e, test_scale),
-            "target_gen_recipe": lambda e=example: maker.add_targets(e, spec.variants),
+            "target_gen": lambda r=record: maker.add_targets_to_record(r, test_scale),
+            "target_gen_recipe": lambda r=record: maker.add_targets_to_record(r, spec.variants),
             "dense_compute_targets": lambda x=dense["inputs"]: dense_fn(*x),
             "decode_original_jpeg": lambda j=image["jpeg"]: tf.io.decode_jpeg(j, channels=3),
             "decode_resized_jpeg": lambda j=dense["resized_jpeg"]: tf.io.decode_jpeg(j, channels=3),

@@ -8,18 +8,21 @@ Two entry points compute the same targets from two forms of the same masks:
   nearest-neighbour resize (a source row and column per resized pixel), flip and pad that
   take them to the padded input. It never builds a full-resolution mask: every run is a
   rectangle of the resized mask, and the mass centre and the 1/4-scale masks are computed
-  from those rectangles, in time proportional to the runs and the 1/4-scale output.
-  SoloTargetGen uses it (resizing full-resolution masks was most of its cost, see
-  `benchmarks/targets.py`); tests check it equals `compute_targets` on the resized masks, bit
-  for bit.
+  from those rectangles, in time proportional to the runs and the masks' area at 1/4 scale.
+  Its 1/4-scale masks come bit-packed and cropped to the resized image (`unpack_masks`
+  restores them). SoloTargetGen uses it (resizing full-resolution masks was most of its cost,
+  see `benchmarks/targets.py`); tests check it equals `compute_targets` on the resized masks,
+  bit for bit.
 
 Both are plain TF ops (eager, `tf.function` or `tf.data`): no Python loop over instances, cells
 or levels (all levels are handled at once over the flat cell axis), and fixed-shape outputs
-(`[NUM_CELLS]`, `[N, H/4, W/4]`).
+(`[NUM_CELLS]`, `[N, H/4, W/4]`, or packed `[N, ceil(h/4), ceil(w/32)]` from runs).
 
 Algorithm: the official SOLOv2 assignment (WXinlong/SOLO `solov2_head.py::solov2_target_single`),
 see `docs/CONTRACT.md` for the output layout. Departures are listed in `compute_targets`.
 """
+
+import sys
 
 import tensorflow as tf
 
@@ -316,16 +319,20 @@ def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.
     `column * H0 + row`, alternating background / foreground runs, background first). A run may
     wrap over columns, so it splits into the rest of its first column, whole columns, and the
     start of its last column. Returns `[instance, row0, row1, col0, col1]`, each `[R]` int64,
-    rows and columns half-open; empty parts are dropped.
+    rows and columns half-open (empty parts are dropped), then, per instance `[N]` int64, the
+    pixels its runs cover (H0 * W0 when valid) and its foreground pixels.
     """
     lengths = tf.cast(runs.flat_values, tf.int64)
     splits = tf.cast(runs.row_splits, tf.int64)
+    num_instances = tf.size(splits, out_type=tf.int64) - 1
     instance = _row_ids(splits, tf.size(lengths, out_type=tf.int64))
+    covered = tf.math.unsorted_segment_sum(lengths, instance, num_instances)
     first_run = tf.gather(splits, instance)
     begin = tf.cumsum(lengths, exclusive=True)
     begin -= tf.gather(begin, first_run)  # offsets within the instance's mask
     foreground = (tf.range(tf.size(lengths, out_type=tf.int64)) - first_run) % 2 == 1
     instance, begin, lengths = _gather_where(foreground & (lengths > 0), instance, begin, lengths)
+    area = tf.math.unsorted_segment_sum(lengths, instance, num_instances)
     last = begin + lengths - 1  # inclusive
     height = tf.cast(source_height, tf.int64)
     first_col, first_row = begin // height, begin % height
@@ -339,7 +346,8 @@ def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.
     col0 = tf.concat([first_col, first_col + 1, last_col], 0)
     col1 = tf.concat([first_col + 1, tf.maximum(last_col, first_col + 1), last_col + 1], 0)
     instance = tf.concat([instance, instance, instance], 0)
-    return _gather_where((row1 > row0) & (col1 > col0), instance, row0, row1, col0, col1)
+    rectangles = _gather_where((row1 > row0) & (col1 > col0), instance, row0, row1, col0, col1)
+    return rectangles, covered, area
 
 
 def _sample_ranges(lo: tf.Tensor, hi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -357,6 +365,35 @@ def _sample_ranges(lo: tf.Tensor, hi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return starts, ends
 
 
+# Bits of the 8 {0,1} bytes of a uint64 word, first byte in memory to the most significant bit
+# (`np.packbits` order): the top byte of `word * magic`. Each byte i lands on bit 7 - i of the
+# top byte and no other product reaches it or carries into it (a test checks all 256 patterns).
+_PACK_MAGIC = 0x8040201008040201 if sys.byteorder == "little" else 0x0102040810204080
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0  # of a uint64 seen as 8 uint8 in memory
+# Row b: the 8 bits of byte b, most significant first.
+_UNPACKED_BYTES = [[(b >> (7 - i)) & 1 for i in range(8)] for b in range(256)]
+
+
+def _pack_bits(bits: tf.Tensor) -> tf.Tensor:
+    """`[..., 8]` uint8 in {0, 1} -> `[...]` uint8, `np.packbits` along the last axis."""
+    words = tf.bitcast(bits, tf.uint64) * tf.constant(_PACK_MAGIC, tf.uint64)
+    return tf.bitcast(words, tf.uint8)[..., _TOP_BYTE]
+
+
+def unpack_masks(packed: tf.Tensor, height, width) -> tf.Tensor:
+    """Packed 1/4-scale masks `[N, h, B]` uint8 -> `[N, height, width]` uint8 in {0, 1}.
+
+    The inverse of the `packed_masks` of `compute_targets_from_runs`: bit 7 - i of byte b of a
+    row is pixel 8b + i (`np.unpackbits` order); the `h` rows and `8 B` columns are the top-left
+    corner, the rest is zero padding. Needs `h <= height` and `8 B <= width`.
+    """
+    packed = tf.convert_to_tensor(packed, tf.uint8)
+    n, rows, row_bytes = tf.shape(packed)[0], tf.shape(packed)[1], tf.shape(packed)[2]
+    bits = tf.gather(tf.constant(_UNPACKED_BYTES, tf.uint8), tf.cast(packed, tf.int32))
+    bits = tf.reshape(bits, [n, rows, 8 * row_bytes])
+    return tf.pad(bits, [[0, 0], [0, height - rows], [0, width - 8 * row_bytes]])
+
+
 def _downsample_rectangles(
     instance: tf.Tensor,
     y0: tf.Tensor,
@@ -367,10 +404,11 @@ def _downsample_rectangles(
     out_height: tf.Tensor,
     out_width: tf.Tensor,
 ) -> tf.Tensor:
-    """`downsample_masks` of masks given as disjoint rectangles: `[N, out_height, out_width]` uint8.
+    """`downsample_masks` of masks given as disjoint rectangles, bit-packed along rows:
+    `[N, out_height, out_width / 8]` uint8 (see `unpack_masks`; out_width a multiple of 8).
 
     Inputs `[R]` int32: instance index and half-open row / column ranges of each rectangle at the
-    full resolution. Output pixel (d, e) is on iff at least 2 of its 4 samples are on. Over
+    full resolution, all within the `out_height` x `out_width` output at 1/4 scale. Output pixel (d, e) is on iff at least 2 of its 4 samples are on. Over
     the 3 x 3 blocks of `_sample_ranges`, a rectangle holds (1, 2 or 1) x (1, 2 or 1) samples of
     each output pixel; the rectangles are disjoint, so adding blocks counts every sample once.
     Blocks are enumerated column by column (work ~ the masks' area at 1/4 scale): a pixel is on
@@ -397,15 +435,15 @@ def _downsample_rectangles(
     # one-sample blocks meet (found by sorting: they are few, on the edges of rectangles).
     single_pixels = tf.sort(pixels(~double))
     (repeated,) = _gather_where(tf.equal(single_pixels[1:], single_pixels[:-1]), single_pixels[1:])
-    on = tf.cast(tf.concat([pixels(double), repeated], 0), tf.int64)
     # Unvalidated: `on` may list a pixel twice (it is set to 1 twice).
-    on = tf.SparseTensor(
-        on[:, tf.newaxis],
-        tf.ones_like(on, tf.uint8),
-        tf.cast([num_instances * out_height * out_width], tf.int64),
+    masks = tf.raw_ops.SparseToDense(
+        sparse_indices=tf.concat([pixels(double), repeated], 0),
+        output_shape=[num_instances * out_height * out_width],
+        sparse_values=tf.constant(1, tf.uint8),
+        default_value=tf.constant(0, tf.uint8),
+        validate_indices=False,
     )
-    masks = tf.sparse.to_dense(on, validate_indices=False)
-    return tf.reshape(masks, [num_instances, out_height, out_width])
+    return _pack_bits(tf.reshape(masks, [num_instances, out_height, out_width // 8, 8]))
 
 
 def compute_targets_from_runs(
@@ -424,6 +462,7 @@ def compute_targets_from_runs(
     grids: tuple[int, ...] = GRIDS,
     scale_ranges: tuple[tuple[float, float], ...] = SCALE_RANGES,
     sigma: float = SIGMA,
+    check_geometry: bool = True,
 ) -> dict[str, tf.Tensor]:
     """`compute_targets` of masks given as run lengths at their source size, exactly.
 
@@ -446,11 +485,18 @@ def compute_targets_from_runs(
         (`[w]` `source_cols` likewise); h, w are the resized size.
       flip: bool scalar: mirror the resized masks horizontally (before padding).
       padded_height, padded_width: int scalars, multiples of 32, at least h and w.
+      check_geometry: check the index maps and h, w in the graph (about 25 small ops per call).
+        Off only for maps already checked, such as SoloTargetGen's cached ones.
 
     Returns:
       `compute_targets(boxes, classes, masks, is_crowd, ...)`: `cell_class`, `cell_instance`,
-      `instance_masks` `[N, padded_height / 4, padded_width / 4]`, `instance_num_cells`,
-      `instance_area`.
+      `instance_num_cells`, `instance_area`, and its `instance_masks` in a compact form,
+      `packed_masks` `[N, ceil(h / 4), ceil(w / 32)]` uint8: the rows and columns of the
+      `[N, padded_height / 4, padded_width / 4]` masks that the resized image reaches (the rest
+      is zero), 8 pixels of a row per byte, as `np.packbits(instance_masks[:, :ceil(h / 4),
+      :8 * ceil(w / 32)], axis=-1)`. `unpack_masks(packed_masks, padded_height / 4,
+      padded_width / 4)` is `instance_masks`. About 14x smaller at the 1344 pad: SoloTargetGen
+      stores them as they are. And `source_area` `[N]` int64: foreground pixels at H0 x W0.
     """
     boxes = tf.convert_to_tensor(boxes, tf.float32)
     classes = tf.cast(classes, tf.int32)
@@ -463,7 +509,10 @@ def compute_targets_from_runs(
     padded_width = tf.cast(padded_width, tf.int32)
     num_instances = runs.nrows(out_type=tf.int32)
     new_height, new_width = tf.shape(source_rows)[0], tf.shape(source_cols)[0]
-    out_height, out_width = padded_height // MASK_STRIDE, padded_width // MASK_STRIDE
+    # Only the resized image can be nonzero at 1/4 scale: rows [0, ceil(h / 4)), columns
+    # [0, ceil(w / 4)), rounded up to whole bytes of 8 columns (w <= padded_width, a multiple of 32).
+    out_height = (new_height + MASK_STRIDE - 1) // MASK_STRIDE
+    out_width = (new_width + 8 * MASK_STRIDE - 1) // (8 * MASK_STRIDE) * 8
 
     def monotonic_within(index, size):
         return (
@@ -472,9 +521,7 @@ def compute_targets_from_runs(
             & (tf.reduce_max(index) < size)
         )
 
-    covered = tf.cast(source_height, tf.int64) * tf.cast(source_width, tf.int64)
-    ends = tf.concat([[0], tf.cumsum(tf.cast(runs.flat_values, tf.int64))], 0)
-    row_totals = tf.gather(ends, runs.row_splits[1:]) - tf.gather(ends, runs.row_splits[:-1])
+    rectangles, run_totals, source_area = _run_rectangles(runs, source_height)
     num_pixels = tf.cast(num_instances, tf.int64) * tf.cast(out_height * out_width, tf.int64)
     checks = [
         tf.debugging.Assert(
@@ -482,27 +529,36 @@ def compute_targets_from_runs(
             ["padded size must be a multiple of 32:", padded_height, padded_width],
         ),
         tf.debugging.Assert(
-            (new_height <= padded_height)
-            & (new_width <= padded_width)
-            & monotonic_within(source_rows, source_height)
-            & monotonic_within(source_cols, source_width),
-            ["source_rows / source_cols must be non-decreasing source indices within the pad"],
-        ),
-        tf.debugging.Assert(
-            tf.reduce_all(tf.equal(row_totals, covered)),
+            tf.reduce_all(
+                tf.equal(
+                    run_totals,
+                    tf.cast(source_height, tf.int64) * tf.cast(source_width, tf.int64),
+                )
+            ),
             ["runs must cover the source masks exactly"],
         ),
         tf.debugging.Assert(
             num_pixels < 2**31, ["too many instances for int32 output pixel indices"]
         ),
     ]
-    with tf.control_dependencies(checks):
-        instance, row0, row1, col0, col1 = _run_rectangles(runs, source_height)
+    if check_geometry:
+        checks.append(
+            tf.debugging.Assert(
+                (new_height <= padded_height)
+                & (new_width <= padded_width)
+                & monotonic_within(source_rows, source_height)
+                & monotonic_within(source_cols, source_width),
+                ["source_rows / source_cols must be non-decreasing source indices within the pad"],
+            )
+        )
+    instance, row0, row1, col0, col1 = rectangles
 
     # Resized rows from source rows [r0, r1) are [below[r0], below[r1]): below[r] counts the
     # resized rows whose source row is < r (the index map is non-decreasing). Same for columns.
-    rows_below = tf.searchsorted(source_rows, tf.range(source_height + 1), side="left")
-    cols_below = tf.searchsorted(source_cols, tf.range(source_width + 1), side="left")
+    # Everything below depends on these, so nothing runs past a failed check.
+    with tf.control_dependencies(checks):
+        rows_below = tf.searchsorted(source_rows, tf.range(source_height + 1), side="left")
+        cols_below = tf.searchsorted(source_cols, tf.range(source_width + 1), side="left")
     y0 = tf.cast(tf.gather(rows_below, row0), tf.int64)
     y1 = tf.cast(tf.gather(rows_below, row1), tf.int64)
     x0 = tf.cast(tf.gather(cols_below, col0), tf.int64)
@@ -536,7 +592,8 @@ def compute_targets_from_runs(
         sigma,
     )
     int32 = [tf.cast(v, tf.int32) for v in (instance, y0, y1, x0, x1)]
-    targets["instance_masks"] = _downsample_rectangles(*int32, num_instances, out_height, out_width)
+    targets["packed_masks"] = _downsample_rectangles(*int32, num_instances, out_height, out_width)
+    targets["source_area"] = source_area
     return targets
 
 
@@ -553,4 +610,5 @@ __all__ = [
     "level_offsets",
     "num_cells",
     "target_shapes",
+    "unpack_masks",
 ]

@@ -15,6 +15,7 @@ from components.mask_evaluator.component import MaskEvaluator
 from components.run_report.component import RunReport
 from components.solo_targets.component import SoloTargetGen
 from pipeline import configs
+from schemas import features
 
 RUN_FN = "models.train.run_fn"
 
@@ -135,7 +136,11 @@ def create_pipeline(
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )
-    solo_targets = SoloTargetGen(examples=example_gen.outputs["examples"], experiment=experiment)
+    solo_targets = SoloTargetGen(
+        examples=example_gen.outputs["examples"],
+        experiment=experiment,
+        target_format=features.SOLO_TARGET_FORMAT_VERSION,  # explicit: part of the cache key
+    )
 
     custom_config = {
         "experiment": experiment,

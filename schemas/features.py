@@ -62,6 +62,12 @@ SOLO_VARIANT_RESIZED_HEIGHT = "solo/variant/resized_height"  # int64 [K]: before
 SOLO_VARIANT_RESIZED_WIDTH = "solo/variant/resized_width"  # int64 [K].
 SOLO_CELL_CLASS = "solo/cell_class"  # bytes [K]: serialized int32 tensor [num_cells], -1 = bg.
 SOLO_CELL_INSTANCE = "solo/cell_instance"  # bytes [K]: serialized int32 tensor [num_cells].
-SOLO_INSTANCE_MASKS = "solo/instance_masks"  # bytes [K]: serialized uint8 tensor [N, P/4, P/4].
+# bytes [K]: serialized uint8 [N, ceil(h/4), ceil(w/32)]: the [N, P/4, P/4] masks cropped to the
+# variant's resized h x w and bit-packed (docs/CONTRACT.md; `models.targets.unpack_masks`).
+SOLO_INSTANCE_MASKS = "solo/instance_masks_packed"
 SOLO_PADDED_SIZE = "solo/padded_size"  # int64: P, the square pad of the model input.
 SOLO_TARGETS_REPORT_FILENAME = "solo_targets_report.json"
+# Version of the target format above. SoloTargetGen takes it as an explicit parameter, so that
+# changing it changes the component's cache key: a pipeline run after a format change makes
+# new targets instead of reusing cached ones in the old format. 2: bit-packed, cropped masks.
+SOLO_TARGET_FORMAT_VERSION = 2

@@ -27,7 +27,7 @@ from components.solo_targets.transform import (
     rle_runs,
 )
 from models import preprocess
-from models.targets import compute_targets
+from models.targets import compute_targets, unpack_masks
 from pipeline.demo_data import generate_demo_dataset
 from schemas import features
 from tests.example_gen_utils import read_examples, run_example_gen
@@ -65,6 +65,19 @@ def _tensor(example, key, k, dtype):
     return tf.io.parse_tensor(example.features.feature[key].bytes_list.value[k], dtype).numpy()
 
 
+def _masks(example, k):
+    """Variant k's `[N, P/4, P/4]` masks, from their stored packed form (whose shape is checked:
+    the resized image's rows and columns at 1/4 scale, 8 columns per byte)."""
+    f = example.features.feature
+    packed = _tensor(example, features.SOLO_INSTANCE_MASKS, k, tf.uint8)
+    new_h = f[features.SOLO_VARIANT_RESIZED_HEIGHT].int64_list.value[k]
+    new_w = f[features.SOLO_VARIANT_RESIZED_WIDTH].int64_list.value[k]
+    n = len(f[features.OBJECT_CLASS].int64_list.value)
+    assert packed.shape == (n, -(-new_h // 4), -(-new_w // 32))
+    quarter = f[features.SOLO_PADDED_SIZE].int64_list.value[0] // 4
+    return unpack_masks(packed, quarter, quarter).numpy()
+
+
 def test_component_writes_every_split_with_its_variants(demo_examples, target_artifact):
     assert json.loads(target_artifact.split_names) == ["train", "eval"]
     for split, expected_variants in (("train", [(256, 0), (256, 1)]), ("eval", [(256, 0)])):
@@ -84,7 +97,7 @@ def test_component_writes_every_split_with_its_variants(demo_examples, target_ar
             # The original features are kept unchanged.
             assert f[features.IMAGE_ENCODED].bytes_list.value
             n = len(f[features.OBJECT_CLASS].int64_list.value)
-            assert _tensor(example, features.SOLO_INSTANCE_MASKS, 0, tf.uint8).shape == (n, 88, 88)
+            assert _masks(example, 0).shape == (n, 88, 88)
     assert os.path.exists(os.path.join(target_artifact.uri, features.CATEGORY_MAP_FILENAME))
 
 
@@ -136,9 +149,7 @@ def test_targets_equal_direct_computation_at_the_same_geometry(demo_examples):
     np.testing.assert_array_equal(
         _tensor(with_targets, features.SOLO_CELL_CLASS, 0, tf.int32), expected["cell_class"]
     )
-    np.testing.assert_array_equal(
-        _tensor(with_targets, features.SOLO_INSTANCE_MASKS, 0, tf.uint8), expected["instance_masks"]
-    )
+    np.testing.assert_array_equal(_masks(with_targets, 0), expected["instance_masks"])
 
 
 def test_flipped_variant_mirrors_masks(demo_examples):
@@ -159,10 +170,8 @@ def test_flipped_variant_mirrors_masks(demo_examples):
         new_w = f[features.SOLO_VARIANT_RESIZED_WIDTH].int64_list.value[0]
         if new_w % 4:
             continue
-        plain = _tensor(with_targets, features.SOLO_INSTANCE_MASKS, 0, tf.uint8)[:, :, : new_w // 4]
-        flipped = _tensor(with_targets, features.SOLO_INSTANCE_MASKS, 1, tf.uint8)[
-            :, :, : new_w // 4
-        ]
+        plain = _masks(with_targets, 0)[:, :, : new_w // 4]
+        flipped = _masks(with_targets, 1)[:, :, : new_w // 4]
         np.testing.assert_array_equal(flipped, plain[:, :, ::-1])
         # Positive cells are the same number of instances, mirrored geometry.
         cls0 = _tensor(with_targets, features.SOLO_CELL_CLASS, 0, tf.int32)
@@ -195,7 +204,7 @@ def test_tiny_instance_that_vanishes_is_counted_not_dropped():
     assert counts["instances"] == 2
     assert counts["empty_after_resize"] == 1
     assert counts["positive_instances"] == 1
-    masks = _tensor(with_targets, features.SOLO_INSTANCE_MASKS, 0, tf.uint8)
+    masks = _masks(with_targets, 0)
     assert masks.shape[0] == 2 and masks[0].sum() == 0  # Kept, empty.
 
 
@@ -315,8 +324,9 @@ def test_centre_on_a_cell_boundary_under_the_fixed_pad():
     assert np.flatnonzero((level2 >= 0).any(axis=1)).tolist() == [4, 5, 6]
 
 
-def _coco_tiny_examples():
-    """Every coco_tiny image with the features TargetMaker reads, masks encoded by CocoExampleGen."""
+def _coco_tiny_examples(with_images: bool = False):
+    """Every coco_tiny image with the features TargetMaker reads, masks encoded by CocoExampleGen
+    (`with_images`: also the JPEG and the image id, for the training decoder)."""
     from pycocotools.coco import COCO
 
     for split in ("train2017", "val2017"):
@@ -329,6 +339,10 @@ def _coco_tiny_examples():
             f = example.features.feature
             f[features.IMAGE_HEIGHT].int64_list.value.append(height)
             f[features.IMAGE_WIDTH].int64_list.value.append(width)
+            if with_images:
+                jpeg = (COCO_TINY / split / info["file_name"]).read_bytes()
+                f[features.IMAGE_ENCODED].bytes_list.value.append(jpeg)
+                f[features.IMAGE_ID].int64_list.value.append(img_id)
             for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id)):
                 rle = segmentation_to_rle(ann["segmentation"], height, width)
                 f[features.OBJECT_MASK_RLE].bytes_list.value.append(rle)
@@ -402,15 +416,13 @@ def test_targets_equal_the_direct_computation_on_every_coco_tiny_image():
             expected, empty_after = dense_fn(
                 masks, boxes.astype(np.float32).reshape(-1, 4), classes, is_crowd, short_side, flip
             )
-            for key, name, dtype in (
-                (features.SOLO_CELL_CLASS, "cell_class", tf.int32),
-                (features.SOLO_CELL_INSTANCE, "cell_instance", tf.int32),
-                (features.SOLO_INSTANCE_MASKS, "instance_masks", tf.uint8),
+            for name, actual in (
+                ("cell_class", _tensor(with_targets, features.SOLO_CELL_CLASS, k, tf.int32)),
+                ("cell_instance", _tensor(with_targets, features.SOLO_CELL_INSTANCE, k, tf.int32)),
+                ("instance_masks", _masks(with_targets, k)),
             ):
                 np.testing.assert_array_equal(
-                    _tensor(with_targets, key, k, dtype),
-                    expected[name],
-                    err_msg=f"image {image}, variant {k}: {name}",
+                    actual, expected[name], err_msg=f"image {image}, variant {k}: {name}"
                 )
             if k == 0:
                 empty = masks.reshape(len(masks), -1).sum(axis=1) == 0
@@ -425,3 +437,76 @@ def test_targets_equal_the_direct_computation_on_every_coco_tiny_image():
                 assert counts["positive_instances"] == (num_cells > 0).sum()
         totals.update(counts)
     assert totals["crowd"] > 0 and totals["positive_instances"] > 1000
+
+
+def _random_example(rng: np.random.Generator, height: int, width: int, n: int):
+    """Blobs, noise, full and empty masks on a black JPEG of `height` x `width`."""
+    masks = np.zeros((n, height, width), np.uint8)
+    for i in range(n):
+        y0, x0 = rng.integers(0, height), rng.integers(0, width)
+        masks[i, y0 : y0 + rng.integers(1, height + 1), x0 : x0 + rng.integers(1, width + 1)] = 1
+    masks[0] = 1
+    masks[1] = rng.random((height, width)) < 0.3
+    masks[2] = 0
+    example = tf.train.Example()
+    f = example.features.feature
+    jpeg = tf.io.encode_jpeg(tf.zeros([height, width, 3], tf.uint8)).numpy()
+    f[features.IMAGE_ENCODED].bytes_list.value.append(jpeg)
+    f[features.IMAGE_ID].int64_list.value.append(1)
+    f[features.IMAGE_HEIGHT].int64_list.value.append(height)
+    f[features.IMAGE_WIDTH].int64_list.value.append(width)
+    for i, mask in enumerate(masks):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1) if rows.size else (0, 0, 0, 0)
+        f[features.OBJECT_MASK_RLE].bytes_list.value.append(
+            mask_utils.encode(np.asfortranarray(mask))["counts"]
+        )
+        for key, value in zip(features.OBJECT_BOX_KEYS, box):
+            f[key].float_list.value.append(value)
+        f[features.OBJECT_CLASS].int64_list.value.append(i % 5)
+        f[features.OBJECT_IS_CROWD].int64_list.value.append(0)
+    return example
+
+
+@pytest.mark.skipif(
+    not (COCO_TINY / "annotations").is_dir(), reason=f"coco_tiny data not found at {COCO_TINY}"
+)
+def test_training_decoder_returns_the_dense_masks():
+    """`decode_training_example` unpacks the stored (packed, cropped) masks to exactly the
+    `[N, P/4, P/4]` uint8 masks of `compute_targets` on the resized, flipped, padded masks (the
+    tensor the examples stored before the packed format): coco_tiny images at the official
+    size (1344 pad), and random masks of odd sizes, upscaled and downscaled, at the demo size."""
+    official = target_spec_for("solov2_r50_fpn_1x", "train")
+    demo = target_spec_for("demo_cpu", "train")
+    rng = np.random.default_rng(7)
+    cases = [(official, e) for e, _ in zip(_coco_tiny_examples(with_images=True), range(10))]
+    for height, width, n in [(37, 53, 6), (300, 41, 4), (97, 131, 9), (352, 352, 3), (1, 500, 3)]:
+        cases.append((demo, _random_example(rng, height, width, n)))
+    makers = {spec: (TargetMaker(spec), _dense_variant_fn(spec)) for spec in (official, demo)}
+    nonempty = 0
+    for i, (spec, example) in enumerate(cases):
+        flip = i % 2 == 1
+        short_side = spec.variants[0][0]
+        maker, dense_fn = makers[spec]
+        with_targets, _ = maker.add_targets(example, ((short_side, flip),))
+        decoded = decode_training_example(
+            with_targets.SerializeToString(),
+            max_size=spec.max_size,
+            num_cells=3872,
+            random_variant=False,
+        )
+        f = example.features.feature
+        boxes = np.stack([f[k].float_list.value for k in features.OBJECT_BOX_KEYS], 1)
+        expected, _ = dense_fn(
+            decode_rle_masks(example),
+            boxes.astype(np.float32).reshape(-1, 4),
+            np.asarray(f[features.OBJECT_CLASS].int64_list.value, np.int32),
+            np.asarray(f[features.OBJECT_IS_CROWD].int64_list.value) == 1,
+            short_side,
+            flip,
+        )
+        for name in ("instance_masks", "cell_class", "cell_instance"):
+            assert decoded[name].dtype == expected[name].dtype
+            np.testing.assert_array_equal(decoded[name], expected[name], err_msg=f"case {i}")
+        nonempty += int(expected["instance_masks"].numpy().any())
+    assert nonempty == len(cases) - 1  # The one-row image is empty at 1/4 scale.

@@ -21,12 +21,14 @@ from models.targets import (
     NUM_CELLS,
     SCALE_RANGES,
     SIGMA,
+    _pack_bits,
     compute_targets,
     compute_targets_from_runs,
     downsample_masks,
     level_offsets,
     num_cells,
     target_shapes,
+    unpack_masks,
 )
 
 COCO_TINY = pathlib.Path(__file__).resolve().parents[2] / "shared/data/coco_tiny"
@@ -227,15 +229,28 @@ _from_runs_graph = tf.function(
 )
 
 
+def with_unpacked_masks(targets: dict, resized_height: int, resized_width: int, padded) -> dict:
+    """`compute_targets_from_runs` output plus its `instance_masks` unpacked to the full
+    `[N, P_h / 4, P_w / 4]`, after checking the packed shape (the resized image's rows and
+    columns at 1/4 scale, whole bytes)."""
+    packed = targets["packed_masks"]
+    assert packed.dtype == tf.uint8
+    assert packed.shape[1:] == (-(-resized_height // 4), -(-resized_width // 32))
+    quarter = (padded[0] // 4, padded[1] // 4)
+    return {**targets, "instance_masks": unpack_masks(packed, *quarter).numpy()}
+
+
 def from_runs(
     boxes, classes, masks, is_crowd, rows, cols, flip, padded_height, padded_width, graph=False
 ):
-    """`compute_targets_from_runs` on the runs of `[N, H0, W0]` masks (eager or `tf.function`)."""
+    """`compute_targets_from_runs` on the runs of `[N, H0, W0]` masks (eager or `tf.function`),
+    with `instance_masks` unpacked."""
     fn = _from_runs_graph if graph else _from_runs
-    return fn(
+    targets = fn(
         *(boxes, classes, mask_runs(masks), is_crowd, masks.shape[1:]),
         *(rows, cols, flip, (padded_height, padded_width)),
     )
+    return with_unpacked_masks(targets, len(rows), len(cols), (padded_height, padded_width))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +392,20 @@ def test_downsample_equals_cv2_and_tf_bilinear():
     np.testing.assert_array_equal(ours, (block >= 2).astype(np.uint8))
 
 
+def test_unpack_masks_is_numpy_unpackbits_then_zero_padding():
+    """The packed 1/4-scale mask format: `np.packbits` order, top-left corner of the output."""
+    packed = np.random.default_rng(3).integers(0, 256, (3, 5, 4), dtype=np.uint8)
+    packed[0, 0] = [0, 1, 128, 255]
+    expected = np.zeros((3, 9, 40), np.uint8)
+    expected[:, :5, :32] = np.unpackbits(packed, axis=-1)
+    np.testing.assert_array_equal(unpack_masks(packed, 9, 40), expected)
+    assert unpack_masks(np.zeros((0, 2, 1), np.uint8), 4, 8).shape == (0, 4, 8)
+    # The packing (a multiply on uint64 words) is its inverse on every byte value.
+    every_byte = np.arange(256, dtype=np.uint8)
+    bits = np.unpackbits(every_byte[:, np.newaxis], axis=1)
+    np.testing.assert_array_equal(_pack_bits(bits), every_byte)
+
+
 def test_same_results_in_tf_function_and_tf_data():
     rng = np.random.default_rng(11)
     images = [random_instances(rng, 128, 160, n) for n in (6, 0, 12)]
@@ -495,7 +524,9 @@ def test_exact_division_when_the_pad_is_a_graph_constant():
             padded_width=1344,
         )
     )
-    assert_same(constant_pad(mask_runs(masks)), expected)
+    assert_same(
+        with_unpacked_masks(constant_pad(mask_runs(masks)), 1344, 1344, (1344,) * 2), expected
+    )
     static_shape = tf.function(
         compute_targets,
         input_signature=[
@@ -523,8 +554,7 @@ def test_from_runs_empty_image():
         padded_width=96,
     )
     np.testing.assert_array_equal(out["cell_class"], np.full(NUM_CELLS, -1))
-    assert out["instance_masks"].shape == (0, 16, 24)
-    assert out["instance_masks"].dtype == tf.uint8
+    assert with_unpacked_masks(out, 60, 80, (64, 96))["instance_masks"].shape == (0, 16, 24)
 
 
 def test_from_runs_rejects_bad_geometry():

@@ -54,9 +54,9 @@ class _AddTargets(beam.DoFn):
         self._maker = TargetMaker(self._spec)
 
     def process(self, serialized: bytes):
-        example, counts = self._maker.add_targets(tf.train.Example.FromString(serialized))
+        record, counts = self._maker.add_targets_to_record(serialized)
         yield beam.pvalue.TaggedOutput("counts", counts)
-        yield example.SerializeToString()
+        yield record
 
 
 def _sum_counters(counters) -> dict:
@@ -72,9 +72,19 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
     targets: OutputArtifact[standard_artifacts.Examples],
     experiment: Parameter[str],
     train_split: Parameter[str] = "train",
+    target_format: Parameter[int] = features.SOLO_TARGET_FORMAT_VERSION,
     beam_pipeline: BeamComponentParameter[beam.Pipeline] = None,
 ) -> None:
-    """Writes `targets` (Examples, same splits) with K SOLO target variants per image."""
+    """Writes `targets` (Examples, same splits) with K SOLO target variants per image.
+
+    `target_format` must be `features.SOLO_TARGET_FORMAT_VERSION`, the only format this code
+    writes; the pipeline passes it explicitly so that a format change changes the cache key.
+    """
+    if target_format != features.SOLO_TARGET_FORMAT_VERSION:
+        raise ValueError(
+            f"target_format {target_format} is not this code's target format "
+            f"{features.SOLO_TARGET_FORMAT_VERSION} (schemas/features.py)"
+        )
     splits = artifact_utils.decode_split_names(examples.split_names)
     targets.split_names = artifact_utils.encode_split_names(splits)
     report_dir = os.path.join(targets.uri, "_report")
@@ -128,6 +138,7 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
         tf.io.gfile.copy(
             category_map, os.path.join(targets.uri, features.CATEGORY_MAP_FILENAME), True
         )
+    targets.set_int_custom_property("target_format", target_format)
     for key in ("payload_format", "file_format"):
         if key in examples.mlmd_artifact.custom_properties:
             targets.set_string_custom_property(key, examples.get_string_custom_property(key))
