@@ -120,6 +120,10 @@ def test_demo_cpu_only_shrinks_size_and_keeps_official_values():
     assert (demo.model.kernel_channels, demo.model.mask_mid_channels) == (32, 32)
     assert demo.model.scale_ranges == ((1, 32), (16, 64), (32, 128), (64, 256), (128, 512))
     assert (demo.train.train_short_sides, demo.train.train_max_size) == ((256,), 352)
+    # The demo recipe's documented departures: AdamW, bfloat16 where native; official: SGD, fp32.
+    assert (demo.train.optimizer, demo.train.mixed_precision) == ("adamw", "auto")
+    assert (official.train.optimizer, official.train.mixed_precision) == ("sgd", None)
+    assert demo.train.learning_rate == pytest.approx(1e-3)
     assert "NOT an official variant" in cfg.demo_cpu.__doc__
 
 

@@ -48,6 +48,11 @@ def tiny_config(size: int = 128, norm_eval: bool = False, **train_overrides) -> 
             "train_short_sides": (size,),
             "train_max_size": size,
             "warmup_iters": 0,
+            # The recipe these tests were tuned on (the session-2 demo recipe): SGD, float32.
+            "optimizer": "sgd",
+            "base_lr": 0.08,
+            "weight_decay": 1e-4,
+            "mixed_precision": None,
             **train_overrides,
         },
     )
