@@ -331,7 +331,7 @@ def demo_cpu() -> ExperimentConfig:
     Why AdamW and bfloat16 (departures from the official SGD, float32 recipe; demo only): from
     random initialisation and a 10-minute budget, AdamW at 1e-3 reached a lower loss than SGD
     at the same 504 steps (0.81 vs 0.90) and mask AP 0.084 vs 0.052-0.062. bfloat16 on a CPU
-    with AVX512-BF16 made a step 0.76x as long, which pays for 648 steps in the same time;
+    with AVX512-BF16 made a step 0.76-0.85x as long, which pays for most of 648 steps;
     with both, mask AP 0.102 (README "Results"). `mixed_precision="auto"` falls back to float32
     on CPUs without native bfloat16.
     """

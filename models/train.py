@@ -216,7 +216,7 @@ def resolve_mixed_precision(
     """A precision name from `models.config.PRECISIONS` -> a `MIXED_PRECISION` policy.
 
     "auto" picks "mixed_bfloat16" on TPU, and on a CPU-only host whose CPU computes bfloat16
-    natively (oneDNN then runs convolutions and matmuls in bfloat16: a demo_cpu step took 0.76x
+    natively (oneDNN then runs convolutions and matmuls in bfloat16: a demo_cpu step took 0.76-0.85x
     the float32 time on an AVX512-BF16 EPYC); float32 anywhere else, GPUs included (use
     "mixed_float16" there explicitly). None and "float32" mean float32.
     """
