@@ -242,6 +242,21 @@ def build_report(acc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _split_configs(
+    exec_properties: dict[str, Any],
+) -> tuple[example_gen_pb2.Input, example_gen_pb2.Output]:
+    """The ExampleGen input and output configs (splits) from the execution properties."""
+    input_config = example_gen_pb2.Input()
+    proto_utils.json_to_proto(
+        exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config
+    )
+    output_config = example_gen_pb2.Output()
+    proto_utils.json_to_proto(
+        exec_properties[standard_component_specs.OUTPUT_CONFIG_KEY], output_config
+    )
+    return input_config, output_config
+
+
 def _write_json(value: Any, path: str) -> None:
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.gfile.GFile(path, "w") as f:
@@ -257,14 +272,7 @@ class CocoExecutor(BaseExampleGenExecutor):
     def GenerateExamplesByBeam(
         self, pipeline: beam.Pipeline, exec_properties: dict[str, Any]
     ) -> dict[str, beam.pvalue.PCollection]:
-        input_config = example_gen_pb2.Input()
-        proto_utils.json_to_proto(
-            exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config
-        )
-        output_config = example_gen_pb2.Output()
-        proto_utils.json_to_proto(
-            exec_properties[standard_component_specs.OUTPUT_CONFIG_KEY], output_config
-        )
+        input_config, output_config = _split_configs(exec_properties)
         split_names = example_gen_utils.generate_output_split_names(input_config, output_config)
         input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
         options = parse_custom_config(exec_properties)
@@ -366,14 +374,7 @@ class CocoExecutor(BaseExampleGenExecutor):
     def Do(self, input_dict, output_dict, exec_properties) -> None:
         """Writes every split (without the stock writer's shuffle), then checks the report."""
         self._log_startup(input_dict, output_dict, exec_properties)
-        input_config = example_gen_pb2.Input()
-        proto_utils.json_to_proto(
-            exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config
-        )
-        output_config = example_gen_pb2.Output()
-        proto_utils.json_to_proto(
-            exec_properties[standard_component_specs.OUTPUT_CONFIG_KEY], output_config
-        )
+        input_config, output_config = _split_configs(exec_properties)
         outputs = output_dict[standard_component_specs.EXAMPLES_KEY]
         examples = artifact_utils.get_single_instance(outputs)
         examples.split_names = artifact_utils.encode_split_names(
