@@ -34,11 +34,11 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from components.coco_example_gen.example_builder import segmentation_to_rle
+from components.coco_example_gen.coco_reader import ImageTask
+from components.coco_example_gen.example_builder import build_example
 from components.solo_targets.component import target_spec_for
 from components.solo_targets.transform import TargetMaker
 from models.targets import compute_targets
-from schemas import features
 
 DEFAULT_COCO_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/coco_tiny"
 CONFIGS = {"official_800x1333": "solov2_r50_fpn_1x", "demo_256": "demo_cpu"}
@@ -56,19 +56,10 @@ def _load_images(coco_dir: pathlib.Path, count: int) -> list[dict]:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
         jpeg = (coco_dir / "val2017" / info["file_name"]).read_bytes()
         height, width = info["height"], info["width"]
-        example = tf.train.Example()
-        f = example.features.feature
-        f[features.IMAGE_ENCODED].bytes_list.value.append(jpeg)
-        f[features.IMAGE_HEIGHT].int64_list.value.append(height)
-        f[features.IMAGE_WIDTH].int64_list.value.append(width)
-        for ann in anns:
-            rle = segmentation_to_rle(ann["segmentation"], height, width)
-            f[features.OBJECT_MASK_RLE].bytes_list.value.append(rle)
-            x, y, w, h = ann["bbox"]
-            for key, value in zip(features.OBJECT_BOX_KEYS, (x, y, x + w, y + h)):
-                f[key].float_list.value.append(value)
-            f[features.OBJECT_CLASS].int64_list.value.append(class_index[ann["category_id"]])
-            f[features.OBJECT_IS_CROWD].int64_list.value.append(ann["iscrowd"])
+        # The example exactly as CocoExampleGen writes it (what SoloTargetGen reads).
+        task = ImageTask("val", img_id, info["file_name"], height, width, anns)
+        built, _ = build_example(task, str(coco_dir / "val2017"), class_index)
+        example = tf.train.Example.FromString(built.serialized)
         images.append(
             {
                 "example": example,
