@@ -1,5 +1,7 @@
 """SOLOv2 model (backbone + FPN + instance head + mask-feature branch) and its builder."""
 
+import logging
+
 import keras
 
 from models.backbone import ResNetBackbone, load_backbone_weights
@@ -7,6 +9,8 @@ from models.config import ModelConfig
 from models.fpn import FPN
 from models.heads import SOLOv2InstanceHead
 from models.mask_feature import MaskFeatureHead
+
+_LOGGER = logging.getLogger(__name__)
 
 
 @keras.saving.register_keras_serializable(package="solov2")
@@ -77,6 +81,17 @@ def build_model(config: ModelConfig) -> SOLOv2:
     )
     if config.backbone_weights:
         load_backbone_weights(backbone, config.backbone_weights)
+    elif config.norm_eval or config.frozen_stages >= 0:
+        # The official recipes start from ImageNet weights; frozen random layers never learn.
+        _LOGGER.warning(
+            "No backbone_weights: the %s backbone starts from random values, yet it is partly "
+            "frozen as in the official recipe (frozen_stages=%d, norm_eval=%s). Give ImageNet "
+            "weights (README, 'Pretrained backbone weights') or set frozen_stages=-1 and "
+            "norm_eval=False.",
+            config.backbone,
+            config.frozen_stages,
+            config.norm_eval,
+        )
     model = SOLOv2(
         backbone=backbone,
         fpn=FPN(channels=config.fpn_channels, name="fpn"),

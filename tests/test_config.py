@@ -76,6 +76,14 @@ def test_3x_and_r101_use_multiscale_36_epochs():
         assert experiment.train.train_short_sides == (800, 768, 736, 704, 672, 640)
         assert experiment.train.train_max_size == 1333
         assert (experiment.train.epochs, experiment.train.lr_steps) == (36, (27, 33))
+    # 1x and 3x differ in the recipe only: the same model (so it is built once in test_model.py).
+    r50_1x, r50_3x = (
+        cfg.get_experiment("solov2_r50_fpn_1x"),
+        cfg.get_experiment("solov2_r50_fpn_3x"),
+    )
+    assert r50_3x.model == r50_1x.model and r50_3x.train != r50_1x.train
+    r101 = cfg.get_experiment("solov2_r101_fpn").model
+    assert r101 == dataclasses.replace(r50_1x.model, backbone="resnet101")
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50])

@@ -1,5 +1,7 @@
 """SOLOv2 model tests on tiny shapes: branch shapes, official semantics, freezing, config round trips."""
 
+import dataclasses
+import logging
 import math
 
 import keras
@@ -9,7 +11,7 @@ import tensorflow as tf
 
 from models import ops
 from models.backbone import ResNetBackbone, load_backbone_weights, resnet_out_channels
-from models.config import get_experiment
+from models.config import EXPERIMENTS, get_experiment
 from models.fpn import FPN
 from models.heads import SOLOv2InstanceHead
 from models.mask_feature import MaskFeatureHead
@@ -111,6 +113,10 @@ def test_conv_norm_relu():
     assert out.shape == (2, 5, 6, 16) and np.all(out.numpy() >= 0)
     assert not layer.conv.use_bias and layer.norm.groups == 8 and layer.norm.epsilon == 1e-5
     _assert_round_trip(layer, tf.constant(_normal(1, 4, 4, 4)))
+    # Every init argument non-default, so a key missing from get_config would show.
+    _assert_round_trip(
+        ops.ConvNormReLU(8, 1, norm_groups=4, name="cnr"), tf.constant(_normal(1, 4, 4, 4))
+    )
 
 
 # backbone ----------------------------------------------------------------------------------
@@ -167,8 +173,9 @@ def test_unfrozen_backbone_trains_batchnorm():
     assert not np.allclose(train[0].numpy(), infer[0].numpy())
 
 
-def test_backbone_config_round_trip_keeps_freezing():
-    backbone = ResNetBackbone(18, frozen_stages=2, norm_eval=True, name="bb")
+@pytest.mark.parametrize("norm_eval", [True, False])
+def test_backbone_config_round_trip_keeps_freezing(norm_eval):
+    backbone = ResNetBackbone(18, frozen_stages=2, norm_eval=norm_eval, name="bb")
     _assert_round_trip(backbone, tf.constant(_normal(1, 32, 32, 3)))
     clone = ResNetBackbone.from_config(backbone.get_config())
     assert [w.path for w in clone.trainable_weights] == [w.path for w in backbone.trainable_weights]
@@ -301,8 +308,20 @@ def test_head_output_shapes_follow_the_contract():
 
 def test_head_level_inputs_have_strides_8_8_16_32_32():
     head = _tiny_head()
-    inputs = head.level_inputs(_pyramid(height=128, width=192))
+    pyramid = _pyramid(height=128, width=192)
+    inputs = head.level_inputs(pyramid)
     assert [tuple(x.shape[1:3]) for x in inputs] == [(16, 24), (16, 24), (8, 12), (4, 6), (4, 6)]
+    # P2 x0.5 bilinear (align_corners=False, no antialias) = mean of each 2x2 block.
+    p2 = pyramid[0].numpy()
+    np.testing.assert_allclose(
+        inputs[0].numpy(), p2.reshape(2, 16, 2, 24, 2, -1).mean(axis=(2, 4)), atol=1e-5
+    )
+    for level in (1, 2, 3):  # P3, P4, P5 pass through unchanged
+        np.testing.assert_array_equal(inputs[level].numpy(), pyramid[level].numpy())
+    # P6 (2 x 3) bilinearly upsampled to P5's size (4 x 6), not P6 itself or P5.
+    np.testing.assert_allclose(
+        inputs[4].numpy(), tf.image.resize(pyramid[4], (4, 6)).numpy(), atol=1e-6
+    )
 
 
 def test_head_flattens_levels_row_major_at_contract_offsets():
@@ -352,6 +371,13 @@ def test_head_towers_are_shared_across_levels():
 
 def test_head_round_trip():
     _assert_round_trip(_tiny_head(), _pyramid(batch=1))
+    # Non-default grids and prior too, so every init argument goes through get_config.
+    head = _tiny_head(grids=(8, 6, 4, 3, 2), prior_prob=0.05, name="head")
+    _assert_round_trip(head, _pyramid(batch=1))
+    clone = SOLOv2InstanceHead.from_config(head.get_config())
+    clone(_pyramid(batch=1))
+    assert clone.grids == (8, 6, 4, 3, 2)
+    np.testing.assert_allclose(clone.category_output.bias.numpy(), -math.log(0.95 / 0.05), 1e-6)
 
 
 # mask feature branch -----------------------------------------------------------------------
@@ -425,6 +451,27 @@ def test_pinned_forward_regression():
     for key, (mean, std) in pinned.items():
         value = outputs[key].numpy().astype("float64")
         np.testing.assert_allclose([value.mean(), value.std()], [mean, std], rtol=1e-4, atol=1e-6)
+    # Mean and std do not see a permutation of cells or channels: pin single values too, one
+    # cell per level (offset + i * S + j) and one mask-feature pixel.
+    cells = [85, 1715, 3137, 3727, 3860]
+    np.testing.assert_allclose(
+        outputs["category_logits"].numpy()[1, cells, 2],
+        [-4.668322563171387, -4.747140407562256, -4.5703816413879395, -4.5545973777771,
+         -4.684337139129639],
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        outputs["kernels"].numpy()[0, cells, 4],
+        [-0.06530475616455078, 0.05885683745145798, -0.17814642190933228,
+         -0.0029648684430867434, -0.054282598197460175],
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        outputs["mask_features"].numpy()[0, 12, 3, :8],
+        [0.40013599395751953, 0.0, 0.0, 0.8658455610275269, 0.0, 1.122504711151123, 0.0,
+         0.624860942363739],
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
 
 
 def test_demo_cpu_builds_with_the_right_shapes():
@@ -443,3 +490,81 @@ def test_solov2_r50_parameter_count():
     assert model.count_params() == 46_646_032
     assert model.count_params() - moving == 46_592_912
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 46_317_392
+
+
+def _frozen_expectation(layer, frozen_stages, norm_eval):
+    """Whether a backbone layer should be frozen under mmdet's frozen_stages / norm_eval."""
+    stem = frozen_stages >= 0 and layer.name in ("conv1", "bn1")
+    stage = any(layer.name.startswith(f"layer{k}.") for k in range(1, frozen_stages + 1))
+    batch_norm = norm_eval and isinstance(layer, keras.layers.BatchNormalization)
+    return stem or stage or batch_norm
+
+
+# The 3x recipe builds the same model as 1x (asserted in test_config.py), so it is not rebuilt.
+@pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) - {"solov2_r50_fpn_3x"}))
+def test_every_named_experiment_builds_the_model_it_describes(name):
+    config = get_experiment(name).model
+    model = build_model(config)
+    head, mask_head = model.instance_head, model.mask_feature_head
+    assert model.backbone.depth == config.backbone_depth
+    assert model.fpn.channels == config.fpn_channels
+    assert (head.num_classes, head.grids, head.num_convs) == (
+        config.num_classes,
+        config.grids,
+        config.head_convs,
+    )
+    assert len(head.kernel_tower) == len(head.category_tower) == config.head_convs
+    assert head.kernel_tower[0].conv.kernel.shape == (
+        3,
+        3,
+        config.fpn_channels + 2,
+        config.head_channels,
+    )
+    assert head.kernel_output.kernel.shape == (3, 3, config.head_channels, config.kernel_channels)
+    assert head.category_output.kernel.shape[-1] == config.num_classes
+    assert mask_head.convs[0].conv.kernel.shape[-1] == config.mask_mid_channels
+    assert mask_head.output_conv.conv.kernel.shape == (
+        1,
+        1,
+        config.mask_mid_channels,
+        config.kernel_channels,
+    )
+    # Freezing: official variants freeze the stem, stage 1 and every BatchNorm; demo_cpu nothing.
+    official = name != "demo_cpu"
+    assert (config.frozen_stages, config.norm_eval) == ((1, True) if official else (-1, False))
+    weighted = [layer for layer in model.backbone.layers if layer.weights]
+    for layer in weighted:
+        frozen = _frozen_expectation(layer, config.frozen_stages, config.norm_eval)
+        assert bool(layer.trainable_weights) != frozen, layer.name
+    assert any(layer.name.startswith("layer2.") and layer.trainable_weights for layer in weighted)
+
+
+def test_build_model_loads_local_backbone_weights(tmp_path):
+    """`backbone_weights` is read from a local file; a missing file is an error, not a download."""
+    config = get_experiment("demo_cpu").model
+    source = ResNetBackbone(config.backbone_depth, name="backbone")
+    for layer in source.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([gamma * 1.1, beta + 0.1, mean + 0.2, var * 1.5])
+    path = str(tmp_path / "resnet18.npz")
+    np.savez(path, **_torchvision_state(source))
+    model = build_model(dataclasses.replace(config, backbone_weights=path))
+    for want, got in zip(source.get_weights(), model.backbone.get_weights()):
+        np.testing.assert_array_equal(want, got)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_model(dataclasses.replace(config, backbone_weights=str(tmp_path / "absent.npz")))
+
+
+def test_frozen_random_backbone_warns(caplog):
+    """An official (frozen) config without weights warns; the demo config, which trains BN, not."""
+    demo = get_experiment("demo_cpu").model
+    with caplog.at_level(logging.WARNING, logger="models.solov2"):
+        build_model(demo)
+    assert not caplog.records
+    frozen = dataclasses.replace(demo, frozen_stages=1, norm_eval=True)
+    with caplog.at_level(logging.WARNING, logger="models.solov2"):
+        build_model(frozen)
+    (record,) = caplog.records
+    assert "No backbone_weights" in record.getMessage()
+    assert "frozen_stages=1, norm_eval=True" in record.getMessage()
