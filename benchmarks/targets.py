@@ -3,31 +3,38 @@
 Target generation runs per image in the SoloTargetGen Beam stage; it should cost less than the
 JPEG decode that every input pipeline already pays. Prints one JSON object.
 
-    .venv/bin/python -m benchmarks.targets [--coco-dir DIR] [--images 16] [--repeats 5]
+    .venv/bin/python -m benchmarks.targets [--coco-dir DIR] [--images 16] [--repeats 9]
 
 Inputs are real coco_tiny images with all their annotations, as CocoExampleGen stores them
 (JPEG bytes, boxes, masks as compressed COCO RLE), under two configs: the official 1x
 (`solov2_r50_fpn_1x`: shorter side 800, longer side at most 1333, fixed 1344 x 1344 pad) and
-the demo (`demo_cpu`: 256, 352 pad). Times are warm medians in milliseconds per image (each
-function called `--repeats` times in a row, image after image):
+the demo (`demo_cpu`: 256, 352 pad). Times are warm medians in milliseconds per image. Every
+measurement is taken once per round, all of them in a random order, for `--repeats` rounds: the
+ratios compare figures taken under the same load (the machine may be shared).
 
-* `target_gen_ms`: what SoloTargetGen does per image and variant, as its DoFn calls it:
-  `TargetMaker.add_targets_to_record` with one variant (test scale, no flip), the serialized
-  example in (masks as RLE), the serialized example with its targets out.
-* `target_gen_recipe_ms`: the same with the training split's variants (short side x flip).
+* `target_gen_batched_ms`: what SoloTargetGen does, as its DoFn runs it: batches of
+  `component.BATCH_SIZE` serialized examples (the last one smaller when the images do not
+  fill it), each through one `TargetMaker.add_targets_to_records` call with one variant (test
+  scale, no flip); batch time / images in the batch.
+* `target_gen_recipe_batched_ms`: the same with the training split's variants (short side x flip).
+* `target_gen_ms`, `target_gen_recipe_ms`: the single-image path, one
+  `TargetMaker.add_targets_to_record` call per image (a batch of one).
 * `dense_compute_targets_ms`: `models.targets.compute_targets` alone, on full-resolution masks
   already decoded, resized (nearest) and padded to multiples of 32, `tf.function` traced once.
   SoloTargetGen no longer builds such masks; this was the figure reported before it.
 * `decode_original_jpeg_ms`, `decode_resized_jpeg_ms`: `tf.io.decode_jpeg` of the original
-  bytes and of the image re-encoded at the resized size; `*_over_*`: the ratios.
+  bytes and of the image re-encoded at the resized size; `*_over_*`: the ratios (per-image
+  means over the images), `batching_speedup`: `target_gen_ms / target_gen_batched_ms`.
 """
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
 import pathlib
+import random
 import statistics
 import time
 
@@ -36,7 +43,7 @@ import tensorflow as tf
 
 from components.coco_example_gen.coco_reader import ImageTask
 from components.coco_example_gen.example_builder import build_example
-from components.solo_targets.component import target_spec_for
+from components.solo_targets.component import BATCH_SIZE, target_spec_for
 from components.solo_targets.transform import TargetMaker
 from models.targets import compute_targets
 
@@ -110,23 +117,29 @@ def _dense_targets_fn():
     )
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_medians_ms(fns: dict, repeats: int) -> dict:
+    """Median time (ms) of each function, called once per round, after a warm-up. Each round
+    calls them all in a new random order, so that none always follows the same one."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    times = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
-def _geometry_report(images: list[dict], experiment: str, repeats: int) -> dict:
+def _geometry_report(images: list[dict], experiment: str, repeats: int, batch_size: int) -> dict:
     spec = target_spec_for(experiment, "train")
     maker = TargetMaker(spec)
     dense_fn = _dense_targets_fn()
     test_scale = ((spec.variants[0][0], False),)
-    per_image = []
-    for image in images:
+    per_image = {}  # (image, name) -> function of one image
+    for i, image in enumerate(images):
         dense = _dense_inputs(image, spec.variants[0][0], spec.max_size)
         record = image["example"].SerializeToString()
         fns = {
@@ -136,28 +149,54 @@ def _geometry_report(images: list[dict], experiment: str, repeats: int) -> dict:
             "decode_original_jpeg": lambda j=image["jpeg"]: tf.io.decode_jpeg(j, channels=3),
             "decode_resized_jpeg": lambda j=dense["resized_jpeg"]: tf.io.decode_jpeg(j, channels=3),
         }
-        per_image.append({name: _median_ms(fn, repeats) for name, fn in fns.items()})
-    mean = {name: statistics.mean(t[name] for t in per_image) for name in per_image[0]}
-    target_gen = [t["target_gen"] for t in per_image]
+        per_image.update({(i, name): fn for name, fn in fns.items()})
+    records = [image["example"].SerializeToString() for image in images]
+    batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+    per_batch = {}  # (batch, name) -> function of one batch
+    for b, batch in enumerate(batches):
+        for name, variants in (
+            ("target_gen_batched", test_scale),
+            ("target_gen_recipe_batched", spec.variants),
+        ):
+            per_batch[b, name] = functools.partial(maker.add_targets_to_records, batch, variants)
+    medians = _interleaved_medians_ms({**per_image, **per_batch}, repeats)
+
+    names = {name for _, name in per_image} | {name for _, name in per_batch}
+    mean = {
+        name: sum(t for (_, n), t in medians.items() if n == name) / len(images) for name in names
+    }
+    target_gen = [medians[i, "target_gen"] for i in range(len(images))]
+
+    def ratio(numerator, denominator):
+        return round(mean[numerator] / mean[denominator], 3)
+
     return {
         "experiment": experiment,
         "padded_size": spec.pad,
         "recipe_variants": [list(v) for v in spec.variants],
-        **{f"{name}_ms": round(value, 3) for name, value in mean.items()},
-        "target_gen_over_decode_original": round(
-            mean["target_gen"] / mean["decode_original_jpeg"], 3
+        "batch_size": batch_size,
+        **{f"{name}_ms": round(mean[name], 3) for name in sorted(names)},
+        "target_gen_batched_over_decode_original": ratio(
+            "target_gen_batched", "decode_original_jpeg"
         ),
-        "target_gen_over_decode_resized": round(
-            mean["target_gen"] / mean["decode_resized_jpeg"], 3
+        "target_gen_batched_over_decode_resized": ratio(
+            "target_gen_batched", "decode_resized_jpeg"
         ),
-        "target_gen_recipe_over_decode_original": round(
-            mean["target_gen_recipe"] / mean["decode_original_jpeg"], 3
+        "target_gen_recipe_batched_over_decode_original": ratio(
+            "target_gen_recipe_batched", "decode_original_jpeg"
         ),
-        "dense_compute_targets_over_decode_original": round(
-            mean["dense_compute_targets"] / mean["decode_original_jpeg"], 3
+        "target_gen_over_decode_original": ratio("target_gen", "decode_original_jpeg"),
+        "target_gen_over_decode_resized": ratio("target_gen", "decode_resized_jpeg"),
+        "target_gen_recipe_over_decode_original": ratio(
+            "target_gen_recipe", "decode_original_jpeg"
         ),
+        "dense_compute_targets_over_decode_original": ratio(
+            "dense_compute_targets", "decode_original_jpeg"
+        ),
+        "batching_speedup": ratio("target_gen", "target_gen_batched"),
         "images_where_target_gen_is_cheaper": sum(
-            t["target_gen"] < t["decode_original_jpeg"] for t in per_image
+            medians[i, "target_gen"] < medians[i, "decode_original_jpeg"]
+            for i in range(len(images))
         ),
         "target_gen_ms_max": round(max(target_gen), 3),
         "target_gen_ms_max_image_instances": len(
@@ -166,7 +205,7 @@ def _geometry_report(images: list[dict], experiment: str, repeats: int) -> dict:
     }
 
 
-def run(coco_dir: pathlib.Path, num_images: int, repeats: int) -> dict:
+def run(coco_dir: pathlib.Path, num_images: int, repeats: int, batch_size: int) -> dict:
     if not (coco_dir / "annotations/instances_val2017.json").exists():
         return {"skipped": f"coco_tiny not found at {coco_dir}"}
     images = _load_images(coco_dir, num_images)
@@ -181,7 +220,7 @@ def run(coco_dir: pathlib.Path, num_images: int, repeats: int) -> dict:
         },
     }
     for name, experiment in CONFIGS.items():
-        report[name] = _geometry_report(images, experiment, repeats)
+        report[name] = _geometry_report(images, experiment, repeats, batch_size)
     return report
 
 
@@ -189,9 +228,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coco-dir", type=pathlib.Path, default=DEFAULT_COCO_DIR)
     parser.add_argument("--images", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help="default: SoloTargetGen's batch size"
+    )
     args = parser.parse_args()
-    print(json.dumps(run(args.coco_dir, args.images, args.repeats), indent=2))
+    print(json.dumps(run(args.coco_dir, args.images, args.repeats, args.batch_size), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""SOLOv2 grid targets for one image, as vectorized TF ops.
+"""SOLOv2 grid targets of an image (or a batch of images), as vectorized TF ops.
 
 Two entry points compute the same targets from two forms of the same masks:
 
@@ -10,12 +10,13 @@ Two entry points compute the same targets from two forms of the same masks:
   rectangle of the resized mask, and the mass centre and the 1/4-scale masks are computed
   from those rectangles, in time proportional to the runs and the masks' area at 1/4 scale.
   Its 1/4-scale masks come bit-packed and cropped to the resized image (`unpack_masks`
-  restores them). SoloTargetGen uses it (resizing full-resolution masks was most of its cost,
-  see `benchmarks/targets.py`); tests check it equals `compute_targets` on the resized masks,
-  bit for bit.
+  restores them). Tests check it equals `compute_targets` on the resized masks, bit for bit.
+  `compute_targets_from_runs_batch` is the same for J images in one call, so that the graph's
+  fixed cost (some hundreds of small ops) is paid once per batch: SoloTargetGen uses it
+  (`benchmarks/targets.py` measures both); `compute_targets_from_runs` is its batch of one.
 
-Both are plain TF ops (eager, `tf.function` or `tf.data`): no Python loop over instances, cells
-or levels (all levels are handled at once over the flat cell axis), and fixed-shape outputs
+All are plain TF ops (eager, `tf.function` or `tf.data`): no Python loop over images, instances,
+cells or levels (all levels are handled at once over the flat cell axis), and fixed-shape outputs
 (`[NUM_CELLS]`, `[N, H/4, W/4]`, or packed `[N, ceil(h/4), ceil(w/32)]` from runs).
 
 Algorithm: the official SOLOv2 assignment (WXinlong/SOLO `solov2_head.py::solov2_target_single`),
@@ -129,6 +130,17 @@ def downsample_masks(masks: tf.Tensor) -> tf.Tensor:
     return tf.cast(rows[..., 1] + rows[..., 2] >= 2, tf.uint8)
 
 
+def _row_ids(row_splits: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """The row (int32) of each of `size` flat values of a ragged tensor with these `row_splits`."""
+    return tf.searchsorted(row_splits[1:], tf.range(size, dtype=row_splits.dtype), side="right")
+
+
+def _gather_where(condition: tf.Tensor, *tensors: tf.Tensor) -> list[tf.Tensor]:
+    """`tf.boolean_mask` of several tensors with one index computation (a graph of few ops)."""
+    index = tf.where(condition)[:, 0]
+    return [tf.gather(t, index) for t in tensors]
+
+
 def _assign_cells(
     boxes: tf.Tensor,
     classes: tf.Tensor,
@@ -136,18 +148,22 @@ def _assign_cells(
     area: tf.Tensor,
     row_sum: tf.Tensor,
     col_sum: tf.Tensor,
+    instance_splits: tf.Tensor,
     height: tf.Tensor,
     width: tf.Tensor,
     grids: tuple[int, ...],
     scale_ranges: tuple[tuple[float, float], ...],
     sigma: float,
 ) -> dict[str, tf.Tensor]:
-    """The grid assignment of `compute_targets`, from the mask moments.
+    """The grid assignment of `compute_targets`, from the mask moments, for J images at once.
 
     boxes `[N, 4]` float32, classes `[N]` int32, is_crowd `[N]` bool; area, row_sum, col_sum
     `[N]` float64: pixel count and row / column index sums of each mask at the padded
-    `height` x `width` (int32 scalars), exact integers. Returns `cell_class`, `cell_instance`
-    `[sum(S^2)]` int32 and `instance_num_cells`, `instance_area` `[N]` int32.
+    `height` x `width` (int32 scalars, the same for every image), exact integers. The N instances
+    are those of J images, image by image: image j holds instances `[instance_splits[j],
+    instance_splits[j + 1])` (`instance_splits` `[J + 1]` int32, ascending from 0), in annotation
+    order. Returns `cell_class`, `cell_instance` `[J, sum(S^2)]` int32 (`cell_instance` indexes
+    the image's own instances, from 0) and `instance_num_cells`, `instance_area` `[N]` int32.
     """
     nonempty = area > 0
     safe_area = tf.where(nonempty, area, 1.0)
@@ -194,20 +210,24 @@ def _assign_cells(
     valid = (
         hit[..., tf.newaxis] & (rows <= down[..., tf.newaxis]) & (cols <= right[..., tf.newaxis])
     )
-    level_offset = tf.constant(level_offsets(grids), tf.int32)[:, tf.newaxis]
-    flat = level_offset + rows * num_grid[:, tf.newaxis] + cols
+    # Cell c of image j is segment j * cells + c.
+    cells = num_cells(grids)
     num_instances = tf.shape(boxes)[0]
+    num_images = tf.size(instance_splits) - 1
+    image = _row_ids(instance_splits, num_instances)[:, tf.newaxis, tf.newaxis]
+    level_offset = tf.constant(level_offsets(grids), tf.int32)[:, tf.newaxis]
+    flat = image * cells + level_offset + rows * num_grid[:, tf.newaxis] + cols
     ids = tf.broadcast_to(tf.range(num_instances)[:, tf.newaxis, tf.newaxis], tf.shape(flat))
-    # Annotation order is the official write order: the highest instance index on a cell wins.
+    # Annotation order is the official write order: the highest instance index on a cell wins
+    # (instances are numbered image by image, so the order inside an image is kept).
     # Segment -1 (not a positive) is dropped; empty cells get INT_MIN, clamped to background.
-    cell_instance = tf.math.unsorted_segment_max(ids, tf.where(valid, flat, -1), num_cells(grids))
-    cell_instance = tf.maximum(cell_instance, -1)
+    winner = tf.math.unsorted_segment_max(ids, tf.where(valid, flat, -1), num_images * cells)
+    winner = tf.reshape(tf.maximum(winner, -1), [num_images, cells])
     # Slot 0 is background, so the lookup also works with N = 0.
-    cell_class = tf.gather(tf.concat([[-1], classes], axis=0), cell_instance + 1)
+    cell_class = tf.gather(tf.concat([[-1], classes], axis=0), winner + 1)
+    cell_instance = tf.where(winner >= 0, winner - instance_splits[:-1, tf.newaxis], -1)
     # Background cells carry id -1, which unsorted_segment_sum drops.
-    instance_num_cells = tf.math.unsorted_segment_sum(
-        tf.ones_like(cell_instance), cell_instance, num_instances
-    )
+    instance_num_cells = tf.math.unsorted_segment_sum(tf.ones_like(winner), winner, num_instances)
     return {
         "cell_class": cell_class,
         "cell_instance": cell_instance,
@@ -290,9 +310,13 @@ def compute_targets(
     )
 
     area, row_sum, col_sum = _mask_moments(masks)
+    one_image = tf.stack([0, tf.shape(masks)[0]])
     targets = _assign_cells(
-        boxes, classes, is_crowd, area, row_sum, col_sum, height, width, grids, scale_ranges, sigma
+        *(boxes, classes, is_crowd, area, row_sum, col_sum, one_image, height, width),
+        *(grids, scale_ranges, sigma),
     )
+    targets["cell_class"] = targets["cell_class"][0]
+    targets["cell_instance"] = targets["cell_instance"][0]
     targets["instance_masks"] = downsample_masks(masks)
     return targets
 
@@ -301,26 +325,16 @@ def compute_targets(
 # The same targets from run lengths at the original size (SoloTargetGen)
 
 
-def _row_ids(row_splits: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """The row of each of `size` flat values of a ragged tensor with these `row_splits`."""
-    return tf.searchsorted(row_splits[1:], tf.range(size, dtype=row_splits.dtype), side="right")
-
-
-def _gather_where(condition: tf.Tensor, *tensors: tf.Tensor) -> list[tf.Tensor]:
-    """`tf.boolean_mask` of several tensors with one index computation (a graph of few ops)."""
-    index = tf.where(condition)[:, 0]
-    return [tf.gather(t, index) for t in tensors]
-
-
 def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.Tensor]:
     """Foreground runs of column-major run lengths -> disjoint rectangles of source pixels.
 
     runs: `[N, (M)]` run lengths of `[H0, W0]` masks (COCO uncompressed RLE: flat pixel index
-    `column * H0 + row`, alternating background / foreground runs, background first). A run may
-    wrap over columns, so it splits into the rest of its first column, whole columns, and the
-    start of its last column. Returns `[instance, row0, row1, col0, col1]`, each `[R]` int64,
-    rows and columns half-open (empty parts are dropped), then, per instance `[N]` int64, the
-    pixels its runs cover (H0 * W0 when valid) and its foreground pixels.
+    `column * H0 + row`, alternating background / foreground runs, background first), with H0
+    the mask's `source_height` (`[N]` int64, one per mask). A run may wrap over columns, so it
+    splits into the rest of its first column, whole columns, and the start of its last column.
+    Returns `[instance, row0, row1, col0, col1]`, each `[R]` int64, rows and columns half-open
+    (empty parts are dropped), then, per instance `[N]` int64, the pixels its runs cover
+    (H0 * W0 when valid) and its foreground pixels.
     """
     lengths = tf.cast(runs.flat_values, tf.int64)
     splits = tf.cast(runs.row_splits, tf.int64)
@@ -330,18 +344,19 @@ def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.
     first_run = tf.gather(splits, instance)
     begin = tf.cumsum(lengths, exclusive=True)
     begin -= tf.gather(begin, first_run)  # offsets within the instance's mask
-    foreground = (tf.range(tf.size(lengths, out_type=tf.int64)) - first_run) % 2 == 1
+    index = tf.range(tf.size(lengths, out_type=tf.int64)) - first_run  # within the instance
+    foreground = tf.equal(tf.bitwise.bitwise_and(index, 1), 1)  # odd runs
     instance, begin, lengths = _gather_where(foreground & (lengths > 0), instance, begin, lengths)
     area = tf.math.unsorted_segment_sum(lengths, instance, num_instances)
     last = begin + lengths - 1  # inclusive
-    height = tf.cast(source_height, tf.int64)
-    first_col, first_row = begin // height, begin % height
-    last_col, last_row_end = last // height, last % height + 1
+    height = tf.gather(source_height, instance)
+    first_col, last_col = begin // height, last // height
+    first_row, last_row_end = begin - first_col * height, last - last_col * height + 1
     one_col = tf.equal(first_col, last_col)
-    zero, full = tf.zeros_like(begin), tf.fill(tf.shape(begin), height)
+    zero = tf.zeros_like(begin)
     row0 = tf.concat([first_row, zero, zero], 0)
     row1 = tf.concat(
-        [tf.where(one_col, last_row_end, full), full, tf.where(one_col, zero, last_row_end)], 0
+        [tf.where(one_col, last_row_end, height), height, tf.where(one_col, zero, last_row_end)], 0
     )
     col0 = tf.concat([first_col, first_col + 1, last_col], 0)
     col1 = tf.concat([first_col + 1, tf.maximum(last_col, first_col + 1), last_col + 1], 0)
@@ -351,15 +366,19 @@ def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.
 
 
 def _sample_ranges(lo: tf.Tensor, hi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Pixel ranges `[lo, hi)` `[R]` along one axis -> the 1/4-scale indices they are sampled at.
+    """Pixel ranges `[lo, hi)` `[R]` (`lo >= 0`) on one axis -> the 1/4-scale indices sampled.
 
     Index d of `downsample_masks` samples pixels 4d+1 and 4d+2. `[lo, hi)` holds pixel 4d+1 for
     d in `[a(lo), a(hi))` and 4d+2 for d in `[b(lo), b(hi))`, with a(x) = (x + 2) // 4 and
     b(x) = (x + 1) // 4 (so b <= a <= b + 1). Hence up to three ranges of d, holding 1, 2 and 1 of
     the range's samples. Returns their starts and ends, `[R, 3]` each (empty when start >= end).
     """
-    a_lo, a_hi = (lo + 2) // 4, (hi + 2) // 4
-    b_lo, b_hi = (lo + 1) // 4, (hi + 1) // 4
+
+    def quarter(x):  # x // 4 for x >= 0 (integer division is slow elementwise)
+        return tf.bitwise.right_shift(x, 2)
+
+    a_lo, a_hi = quarter(lo + 2), quarter(hi + 2)
+    b_lo, b_hi = quarter(lo + 1), quarter(hi + 1)
     starts = tf.stack([b_lo, a_lo, tf.maximum(a_lo, b_hi)], axis=1)
     ends = tf.stack([tf.minimum(a_lo, b_hi), b_hi, a_hi], axis=1)
     return starts, ends
@@ -400,50 +419,99 @@ def _downsample_rectangles(
     y1: tf.Tensor,
     x0: tf.Tensor,
     x1: tf.Tensor,
-    num_instances: tf.Tensor,
     out_height: tf.Tensor,
     out_width: tf.Tensor,
 ) -> tf.Tensor:
-    """`downsample_masks` of masks given as disjoint rectangles, bit-packed along rows:
-    `[N, out_height, out_width / 8]` uint8 (see `unpack_masks`; out_width a multiple of 8).
+    """`downsample_masks` of masks given as disjoint rectangles, bit-packed along rows.
 
     Inputs `[R]` int32: instance index and half-open row / column ranges of each rectangle at the
-    full resolution, all within the `out_height` x `out_width` output at 1/4 scale. Output pixel (d, e) is on iff at least 2 of its 4 samples are on. Over
-    the 3 x 3 blocks of `_sample_ranges`, a rectangle holds (1, 2 or 1) x (1, 2 or 1) samples of
-    each output pixel; the rectangles are disjoint, so adding blocks counts every sample once.
-    Blocks are enumerated column by column (work ~ the masks' area at 1/4 scale): a pixel is on
-    iff a block holding 2 or 4 of its samples covers it, or one-sample blocks cover it twice.
+    full resolution; out_height, out_width `[N]` int32: each instance's output size at 1/4 scale
+    (out_width a multiple of 8), holding its rectangles. Returns the N packed masks end to end,
+    flat uint8 `[sum(out_height * out_width) / 8]`: instance i's `[out_height[i], out_width[i] / 8]`
+    bytes (see `unpack_masks`) follow those of instances 0 .. i - 1.
+
+    Output pixel (d, e) is on iff at least 2 of its 4 samples are on. Over the 3 x 3 blocks of
+    `_sample_ranges`, a rectangle holds (1, 2 or 1) x (1, 2 or 1) samples of each output pixel;
+    the rectangles are disjoint, so adding blocks counts every sample once. Blocks are enumerated
+    column by column (work ~ the masks' area at 1/4 scale): a pixel is on iff a block holding 2
+    or 4 of its samples covers it, or one-sample blocks cover it twice.
     """
     y_starts, y_ends = _sample_ranges(y0, y1)
     x_starts, x_ends = _sample_ranges(x0, x1)
     # Nonempty blocks (rectangle, y range i, x range j); the middle ranges hold 2 samples.
     block = tf.where((y_ends > y_starts)[:, :, tf.newaxis] & (x_ends > x_starts)[:, tf.newaxis, :])
     rect_i, rect_j = block[:, :2], tf.stack([block[:, 0], block[:, 2]], axis=1)
-    y_start, y_end = tf.gather_nd(y_starts, rect_i), tf.gather_nd(y_ends, rect_i)
     columns = tf.ragged.range(tf.gather_nd(x_starts, rect_j), tf.gather_nd(x_ends, rect_j))
     column = columns.flat_values  # one segment of output pixels per block column
     of_column = _row_ids(columns.row_splits, tf.size(column, out_type=tf.int64))
+    # Flat output index of pixel (d, e) of instance i: first[i] + d * out_width[i] + e.
+    first = tf.cumsum(out_height * out_width, exclusive=True)
+    block_instance = tf.gather(instance, block[:, 0])
+    stride = tf.gather(out_width, block_instance)
+    block_top = tf.gather(first, block_instance) + tf.gather_nd(y_starts, rect_i) * stride
+    block_bottom = (
+        block_top + (tf.gather_nd(y_ends, rect_i) - tf.gather_nd(y_starts, rect_i)) * stride
+    )
     double = tf.gather((block[:, 1] == 1) | (block[:, 2] == 1), of_column)
-    base = tf.gather(tf.gather(instance, block[:, 0]), of_column) * out_height
-    top = (base + tf.gather(y_start, of_column)) * out_width + column
-    bottom = (base + tf.gather(y_end, of_column)) * out_width + column
+    top = tf.gather(block_top, of_column) + column
+    bottom = tf.gather(block_bottom, of_column) + column
+    step = tf.gather(stride, of_column)
 
-    def pixels(selected):  # flat output indices, column segments walked with stride out_width
-        return tf.ragged.range(*_gather_where(selected, top, bottom), out_width).flat_values
+    def pixels(selected):  # flat output indices, column segments walked with the row stride
+        return tf.ragged.range(*_gather_where(selected, top, bottom, step)).flat_values
 
     # On: every pixel of a block holding 2 or 4 samples, and every pixel that two or more
     # one-sample blocks meet (found by sorting: they are few, on the edges of rectangles).
     single_pixels = tf.sort(pixels(~double))
     (repeated,) = _gather_where(tf.equal(single_pixels[1:], single_pixels[:-1]), single_pixels[1:])
+    num_pixels = tf.reduce_sum(out_height * out_width)
     # Unvalidated: `on` may list a pixel twice (it is set to 1 twice).
     masks = tf.raw_ops.SparseToDense(
         sparse_indices=tf.concat([pixels(double), repeated], 0),
-        output_shape=[num_instances * out_height * out_width],
+        output_shape=num_pixels[tf.newaxis],
         sparse_values=tf.constant(1, tf.uint8),
         default_value=tf.constant(0, tf.uint8),
         validate_indices=False,
     )
-    return _pack_bits(tf.reshape(masks, [num_instances, out_height, out_width // 8, 8]))
+    # Every instance starts on a whole byte (out_width is a multiple of 8).
+    return _pack_bits(tf.reshape(masks, [num_pixels // 8, 8]))
+
+
+def _resized_bounds(
+    index: tf.RaggedTensor, source_size: tf.Tensor, image: tf.Tensor, *bounds: tf.Tensor
+) -> list[tf.Tensor]:
+    """Source index bounds -> resized index bounds, through each image's index map.
+
+    index: `[J, (h)]` int, row j non-decreasing in `[0, source_size[j])`: image j's source index
+    of each resized index; source_size `[J]` int64. image and each bound `[R]` int64 (bound in
+    `[0, source_size[image]]`). Returns, per bound, `[R]` int64: how many resized indices of the
+    image map to a source index `< bound`. So the source range `[b0, b1)` becomes the resized
+    range `[result(b0), result(b1))`. Looked up in a table of every image's `source_size + 1`
+    answers, counted rather than searched (bounds are more numerous than source indices).
+    """
+    values = tf.cast(index.flat_values, tf.int64)
+    splits = tf.cast(index.row_splits, tf.int64)
+    # Entry `first[j] + r` of the table counts the resized indices of images before j, plus
+    # those of image j whose source index is below r.
+    first = tf.cumsum(source_size + 1, exclusive=True)  # [J]
+    entry = tf.gather(first, _row_ids(splits, tf.size(values, out_type=tf.int64))) + values + 1
+    table = tf.cumsum(
+        tf.math.unsorted_segment_sum(tf.ones_like(values), entry, tf.reduce_sum(source_size + 1))
+    )
+    start, before = tf.gather(first, image), tf.gather(splits, image)
+    return [tf.gather(table, start + bound) - before for bound in bounds]
+
+
+def _monotonic_within(index: tf.RaggedTensor, size: tf.Tensor) -> tf.Tensor:
+    """Whether every row j of `index` `[J, (h)]` is non-decreasing within `[0, size[j])`."""
+    values = tf.cast(index.flat_values, tf.int64)
+    row = _row_ids(tf.cast(index.row_splits, tf.int64), tf.size(values, out_type=tf.int64))
+    same_row = tf.equal(row[1:], row[:-1])
+    return (
+        tf.reduce_all((values[1:] >= values[:-1]) | tf.logical_not(same_row))
+        & tf.reduce_all(values >= 0)
+        & tf.reduce_all(values < tf.gather(size, row))
+    )
 
 
 def compute_targets_from_runs(
@@ -497,32 +565,107 @@ def compute_targets_from_runs(
       :8 * ceil(w / 32)], axis=-1)`. `unpack_masks(packed_masks, padded_height / 4,
       padded_width / 4)` is `instance_masks`. About 14x smaller at the 1344 pad: SoloTargetGen
       stores them as they are. And `source_area` `[N]` int64: foreground pixels at H0 x W0.
+
+    Computed as `compute_targets_from_runs_batch` of a batch of one image.
+    """
+    batch = compute_targets_from_runs_batch(
+        boxes,
+        classes,
+        runs,
+        is_crowd,
+        instance_splits=tf.stack([0, runs.nrows(out_type=tf.int32)]),
+        source_height=tf.reshape(source_height, [1]),
+        source_width=tf.reshape(source_width, [1]),
+        source_rows=_one_row(source_rows),
+        source_cols=_one_row(source_cols),
+        flip=tf.reshape(flip, [1]),
+        padded_height=padded_height,
+        padded_width=padded_width,
+        grids=grids,
+        scale_ranges=scale_ranges,
+        sigma=sigma,
+        check_geometry=check_geometry,
+    )
+    return targets_of_image(batch, 0)
+
+
+def _one_row(index) -> tf.RaggedTensor:
+    """`[h]` -> `[1, (h)]`."""
+    index = tf.convert_to_tensor(index)
+    return tf.RaggedTensor.from_row_lengths(index, tf.shape(index, tf.int64), validate=False)
+
+
+def compute_targets_from_runs_batch(
+    boxes: tf.Tensor,
+    classes: tf.Tensor,
+    runs: tf.RaggedTensor,
+    is_crowd: tf.Tensor,
+    *,
+    instance_splits: tf.Tensor,
+    source_height: tf.Tensor,
+    source_width: tf.Tensor,
+    source_rows: tf.RaggedTensor,
+    source_cols: tf.RaggedTensor,
+    flip: tf.Tensor,
+    padded_height,
+    padded_width,
+    grids: tuple[int, ...] = GRIDS,
+    scale_ranges: tuple[tuple[float, float], ...] = SCALE_RANGES,
+    sigma: float = SIGMA,
+    check_geometry: bool = True,
+) -> dict[str, tf.Tensor]:
+    """`compute_targets_from_runs` of J images in one call, of the same graph size for any J.
+
+    The graph has a fixed cost of some hundreds of small ops, whatever the number of instances;
+    SoloTargetGen pays it once per batch of images rather than once per image.
+
+    Args:
+      boxes, classes, runs, is_crowd: as `compute_targets_from_runs`, for the N instances of all
+        J images, image by image: image j holds instances `[instance_splits[j],
+        instance_splits[j + 1])` (`instance_splits` `[J + 1]` int, ascending from 0).
+      source_height, source_width: `[J]` int: each image's H0 and W0.
+      source_rows: `[J, (h)]` int ragged: row j is image j's `source_rows` (see
+        `compute_targets_from_runs`), `source_cols` `[J, (w)]` likewise.
+      flip: `[J]` bool.
+      padded_height, padded_width: int scalars, the same pad for every image.
+      grids, scale_ranges, sigma, check_geometry: as `compute_targets_from_runs`.
+
+    Returns:
+      dict with `cell_class`, `cell_instance` `[J, sum(S^2)]` int32 (row j is image
+      j's; `cell_instance` counts image j's instances from 0), `instance_num_cells`,
+      `instance_area` `[N]` int32, `source_area` `[N]` int64, `instance_splits` `[J + 1]` int32,
+      and the packed masks as `packed_masks` `[J, (bytes)]` uint8 ragged with `packed_shape`
+      `[J, 3]` int32: row j reshaped to `packed_shape[j]` is image j's `[N_j, ceil(h_j / 4),
+      ceil(w_j / 32)]` packed masks. `targets_of_image(result, j)` is
+      `compute_targets_from_runs` of image j alone, bit for bit (tested): images share the graph
+      call and nothing else.
     """
     boxes = tf.convert_to_tensor(boxes, tf.float32)
     classes = tf.cast(classes, tf.int32)
     is_crowd = tf.cast(is_crowd, tf.bool)
-    source_height = tf.cast(source_height, tf.int32)
-    source_width = tf.cast(source_width, tf.int32)
-    source_rows = tf.cast(source_rows, tf.int32)
-    source_cols = tf.cast(source_cols, tf.int32)
+    instance_splits = tf.cast(instance_splits, tf.int32)
+    source_height = tf.cast(source_height, tf.int64)
+    source_width = tf.cast(source_width, tf.int64)
+    flip = tf.cast(flip, tf.bool)
     padded_height = tf.cast(padded_height, tf.int32)
     padded_width = tf.cast(padded_width, tf.int32)
     num_instances = runs.nrows(out_type=tf.int32)
-    new_height, new_width = tf.shape(source_rows)[0], tf.shape(source_cols)[0]
+    instance_image = _row_ids(instance_splits, num_instances)  # [N]
+    new_height = tf.cast(source_rows.row_lengths(), tf.int32)  # [J]
+    new_width = tf.cast(source_cols.row_lengths(), tf.int32)
     # Only the resized image can be nonzero at 1/4 scale: rows [0, ceil(h / 4)), columns
     # [0, ceil(w / 4)), rounded up to whole bytes of 8 columns (w <= padded_width, a multiple of 32).
-    out_height = (new_height + MASK_STRIDE - 1) // MASK_STRIDE
+    out_height = (new_height + MASK_STRIDE - 1) // MASK_STRIDE  # [J]
     out_width = (new_width + 8 * MASK_STRIDE - 1) // (8 * MASK_STRIDE) * 8
+    instance_out_height = tf.gather(out_height, instance_image)  # [N]
+    instance_out_width = tf.gather(out_width, instance_image)
 
-    def monotonic_within(index, size):
-        return (
-            tf.reduce_all(index[1:] >= index[:-1])
-            & (tf.reduce_min(index) >= 0)
-            & (tf.reduce_max(index) < size)
-        )
-
-    rectangles, run_totals, source_area = _run_rectangles(runs, source_height)
-    num_pixels = tf.cast(num_instances, tf.int64) * tf.cast(out_height * out_width, tf.int64)
+    rectangles, run_totals, source_area = _run_rectangles(
+        runs, tf.gather(source_height, instance_image)
+    )
+    num_pixels = tf.reduce_sum(
+        tf.cast(instance_out_height, tf.int64) * tf.cast(instance_out_width, tf.int64)
+    )
     checks = [
         tf.debugging.Assert(
             tf.equal(padded_height % 32, 0) & tf.equal(padded_width % 32, 0),
@@ -530,10 +673,7 @@ def compute_targets_from_runs(
         ),
         tf.debugging.Assert(
             tf.reduce_all(
-                tf.equal(
-                    run_totals,
-                    tf.cast(source_height, tf.int64) * tf.cast(source_width, tf.int64),
-                )
+                tf.equal(run_totals, tf.gather(source_height * source_width, instance_image))
             ),
             ["runs must cover the source masks exactly"],
         ),
@@ -544,31 +684,29 @@ def compute_targets_from_runs(
     if check_geometry:
         checks.append(
             tf.debugging.Assert(
-                (new_height <= padded_height)
-                & (new_width <= padded_width)
-                & monotonic_within(source_rows, source_height)
-                & monotonic_within(source_cols, source_width),
+                tf.reduce_all(new_height <= padded_height)
+                & tf.reduce_all(new_width <= padded_width)
+                & _monotonic_within(source_rows, source_height)
+                & _monotonic_within(source_cols, source_width),
                 ["source_rows / source_cols must be non-decreasing source indices within the pad"],
             )
         )
     instance, row0, row1, col0, col1 = rectangles
+    image = tf.gather(tf.cast(instance_image, tf.int64), instance)  # [R]
 
-    # Resized rows from source rows [r0, r1) are [below[r0], below[r1]): below[r] counts the
+    # Resized rows from source rows [r0, r1) are [below(r0), below(r1)), below(r) counting the
     # resized rows whose source row is < r (the index map is non-decreasing). Same for columns.
     # Everything below depends on these, so nothing runs past a failed check.
     with tf.control_dependencies(checks):
-        rows_below = tf.searchsorted(source_rows, tf.range(source_height + 1), side="left")
-        cols_below = tf.searchsorted(source_cols, tf.range(source_width + 1), side="left")
-    y0 = tf.cast(tf.gather(rows_below, row0), tf.int64)
-    y1 = tf.cast(tf.gather(rows_below, row1), tf.int64)
-    x0 = tf.cast(tf.gather(cols_below, col0), tf.int64)
-    x1 = tf.cast(tf.gather(cols_below, col1), tf.int64)
-    new_width_64 = tf.cast(new_width, tf.int64)
-    x0, x1 = (tf.where(flip, new_width_64 - x1, x0), tf.where(flip, new_width_64 - x0, x1))
+        y0, y1 = _resized_bounds(source_rows, source_height, image, row0, row1)
+        x0, x1 = _resized_bounds(source_cols, source_width, image, col0, col1)
+    mirrored = tf.gather(flip, image)
+    width = tf.gather(tf.cast(new_width, tf.int64), image)
+    x0, x1 = (tf.where(mirrored, width - x1, x0), tf.where(mirrored, width - x0, x1))
 
     # Moments of the rectangles, exact in int64: sum of y over [y0, y1) is T(y1) - T(y0).
     def triangle(n):
-        return n * (n - 1) // 2
+        return tf.bitwise.right_shift(n * (n - 1), 1)  # n >= 0: n * (n - 1) // 2
 
     height, width = y1 - y0, x1 - x0
     area = tf.math.unsorted_segment_sum(height * width, instance, num_instances)
@@ -579,21 +717,30 @@ def compute_targets_from_runs(
         (triangle(x1) - triangle(x0)) * height, instance, num_instances
     )
     targets = _assign_cells(
-        boxes,
-        classes,
-        is_crowd,
-        tf.cast(area, tf.float64),
-        tf.cast(row_sum, tf.float64),
-        tf.cast(col_sum, tf.float64),
-        padded_height,
-        padded_width,
-        grids,
-        scale_ranges,
-        sigma,
+        *(boxes, classes, is_crowd),
+        *(tf.cast(moment, tf.float64) for moment in (area, row_sum, col_sum)),
+        *(instance_splits, padded_height, padded_width, grids, scale_ranges, sigma),
     )
     int32 = [tf.cast(v, tf.int32) for v in (instance, y0, y1, x0, x1)]
-    targets["packed_masks"] = _downsample_rectangles(*int32, num_instances, out_height, out_width)
+    packed = _downsample_rectangles(*int32, instance_out_height, instance_out_width)
+    image_instances = instance_splits[1:] - instance_splits[:-1]
+    packed_shape = tf.stack([image_instances, out_height, out_width // 8], axis=1)
+    targets["packed_masks"] = tf.RaggedTensor.from_row_lengths(
+        packed, tf.reduce_prod(packed_shape, axis=1), validate=False
+    )
+    targets["packed_shape"] = packed_shape
     targets["source_area"] = source_area
+    targets["instance_splits"] = instance_splits
+    return targets
+
+
+def targets_of_image(batch: dict[str, tf.Tensor], j) -> dict[str, tf.Tensor]:
+    """Image j's `compute_targets_from_runs` dict, from `compute_targets_from_runs_batch`'s."""
+    start, end = batch["instance_splits"][j], batch["instance_splits"][j + 1]
+    targets = {name: batch[name][j] for name in ("cell_class", "cell_instance")}
+    for name in ("instance_num_cells", "instance_area", "source_area"):
+        targets[name] = batch[name][start:end]
+    targets["packed_masks"] = tf.reshape(batch["packed_masks"][j], batch["packed_shape"][j])
     return targets
 
 
@@ -606,9 +753,11 @@ __all__ = [
     "SIGMA",
     "compute_targets",
     "compute_targets_from_runs",
+    "compute_targets_from_runs_batch",
     "downsample_masks",
     "level_offsets",
     "num_cells",
     "target_shapes",
+    "targets_of_image",
     "unpack_masks",
 ]

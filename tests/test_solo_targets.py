@@ -17,10 +17,12 @@ from pycocotools import mask as mask_utils
 from tfx.types import standard_artifacts
 
 from components.coco_example_gen.example_builder import segmentation_to_rle
-from components.solo_targets.component import SoloTargetGen, target_spec_for
+from components.solo_targets.component import BATCH_SIZE, SoloTargetGen, target_spec_for
 from components.solo_targets.transform import (
+    COUNT_NAMES,
     TargetMaker,
     TargetSpec,
+    _serialize_tensor,
     decode_rle_masks,
     decode_training_example,
     nearest_source_indices,
@@ -99,6 +101,29 @@ def test_component_writes_every_split_with_its_variants(demo_examples, target_ar
             n = len(f[features.OBJECT_CLASS].int64_list.value)
             assert _masks(example, 0).shape == (n, 88, 88)
     assert os.path.exists(os.path.join(target_artifact.uri, features.CATEGORY_MAP_FILENAME))
+
+
+def test_component_output_and_report_equal_the_single_image_path(demo_examples, target_artifact):
+    """The Beam component (batched) writes, per image, what `add_targets` gives that image alone,
+    and its report sums the per-image degenerate counts of the single-image path."""
+    with open(os.path.join(target_artifact.uri, features.SOLO_TARGETS_REPORT_FILENAME)) as f:
+        report = json.load(f)
+    for split in ("train", "eval"):
+        maker = TargetMaker(target_spec_for("demo_cpu", split))
+        expected, totals = {}, collections.Counter()
+        for example in read_examples(demo_examples.uri, split):
+            with_targets, counts = maker.add_targets(example)
+            expected[example.features.feature[features.IMAGE_ID].int64_list.value[0]] = with_targets
+            totals.update(counts)
+        written = read_examples(target_artifact.uri, split)
+        assert len(written) == len(expected)
+        for example in written:
+            assert (
+                example == expected[example.features.feature[features.IMAGE_ID].int64_list.value[0]]
+            )
+        assert {key: report["splits"][split][key] for key in COUNT_NAMES} == {
+            key: totals[key] for key in COUNT_NAMES
+        }
 
 
 def test_report_counts_every_instance(target_artifact):
@@ -247,6 +272,10 @@ def _runs_from_masks(masks: np.ndarray) -> list[list[int]]:
     return runs
 
 
+def _ragged_list(values: np.ndarray, splits: np.ndarray) -> list[list[int]]:
+    return [values[start:end].tolist() for start, end in zip(splits[:-1], splits[1:])]
+
+
 def test_rle_runs_match_pycocotools():
     """Every kind of run: long ones (many 5-bit groups), zero-length first run, deltas of both
     signs, one-pixel runs, empty and full masks, sizes up to 2000 x 3000."""
@@ -262,8 +291,18 @@ def test_rle_runs_match_pycocotools():
         masks.append(batch)
     for batch in masks:
         encoded = mask_utils.encode(np.asfortranarray(np.moveaxis(batch, 0, -1)))
-        runs = rle_runs(tf.constant([e["counts"] for e in encoded]))
-        assert runs.to_list() == _runs_from_masks(batch)
+        runs = _ragged_list(*rle_runs([e["counts"] for e in encoded]))
+        assert runs == _runs_from_masks(batch)
+    # Values of up to 7 groups, whose differences two values apart have both signs.
+    runs = [[0, 1, 2**30 + 7, 5, 2**20, 3, 1], [7], [2, 0, 3, 0, 1]]
+    counts = [
+        mask_utils.frPyObjects({"size": [1, sum(r)], "counts": r}, 1, sum(r))["counts"]
+        for r in runs
+    ]
+    assert _ragged_list(*rle_runs(counts)) == runs
+    assert _ragged_list(*rle_runs([])) == []
+    with pytest.raises(ValueError, match="ends inside a value"):
+        rle_runs([b"3", b"1P"])  # "P" = 32 + 0: a group with more to follow
 
 
 @pytest.mark.skipif(
@@ -274,9 +313,9 @@ def test_rle_runs_decode_every_coco_tiny_mask():
     checked = 0
     for example in _coco_tiny_examples():
         f = example.features.feature
-        runs = rle_runs(tf.constant(list(f[features.OBJECT_MASK_RLE].bytes_list.value)))
-        assert runs.to_list() == _runs_from_masks(decode_rle_masks(example))
-        checked += int(runs.nrows())
+        runs = _ragged_list(*rle_runs(f[features.OBJECT_MASK_RLE].bytes_list.value))
+        assert runs == _runs_from_masks(decode_rle_masks(example))
+        checked += len(runs)
     assert checked > 1000
 
 
@@ -398,15 +437,25 @@ def _dense_variant_fn(spec: TargetSpec):
     not (COCO_TINY / "annotations").is_dir(), reason=f"coco_tiny data not found at {COCO_TINY}"
 )
 def test_targets_equal_the_direct_computation_on_every_coco_tiny_image():
-    """All 160 images, official 800 / 1333 geometry (1344 pad), with and without flip: the
-    serialized targets and the degenerate counts are those of the direct computation."""
+    """All 160 images, official 800 / 1333 geometry (1344 pad), with and without flip, in
+    batches as SoloTargetGen runs them: the serialized targets and the degenerate counts are
+    those of the direct computation."""
     official = target_spec_for("solov2_r50_fpn_1x", "train")
     spec = TargetSpec(official.grids, official.scale_ranges, official.sigma, 1333, ())
     maker, dense_fn = TargetMaker(spec), _dense_variant_fn(spec)
+
+    def variants_of(image):  # the flips alternate from batch to batch
+        batch = image // BATCH_SIZE
+        return ((800, batch % 2 == 0), (640, batch % 2 == 1))
+
+    examples, results = list(_coco_tiny_examples()), []
+    for start in range(0, len(examples), BATCH_SIZE):
+        batch = [example.SerializeToString() for example in examples[start : start + BATCH_SIZE]]
+        results += maker.add_targets_to_records(batch, variants_of(start))
     totals = collections.Counter()
-    for image, example in enumerate(_coco_tiny_examples()):
-        variants = ((800, image % 2 == 0), (640, image % 2 == 1))
-        with_targets, counts = maker.add_targets(example, variants)
+    for image, (example, (record, counts)) in enumerate(zip(examples, results, strict=True)):
+        variants = variants_of(image)
+        with_targets = tf.train.Example.FromString(record)
         f = example.features.feature
         masks = decode_rle_masks(example)
         boxes = np.stack([f[k].float_list.value for k in features.OBJECT_BOX_KEYS], 1)
@@ -437,6 +486,74 @@ def test_targets_equal_the_direct_computation_on_every_coco_tiny_image():
                 assert counts["positive_instances"] == (num_cells > 0).sum()
         totals.update(counts)
     assert totals["crowd"] > 0 and totals["positive_instances"] > 1000
+
+
+def test_serialize_tensor_is_tf_serialize_tensor():
+    """The stored targets are `tf.io.serialize_tensor` values, bit for bit (`docs/CONTRACT.md`)."""
+    rng = np.random.default_rng(3)
+    for array in (
+        np.arange(3872, dtype=np.int32) - 1,
+        np.zeros(0, np.int32),
+        rng.integers(0, 256, (5, 7, 3)).astype(np.uint8),
+        np.zeros((0, 200, 42), np.uint8),
+        np.zeros((3, 0, 5), np.uint8),
+        rng.integers(0, 256, (4, 9, 6)).astype(np.uint8)[:, ::2, 1:4],  # not contiguous
+    ):
+        assert _serialize_tensor(array) == tf.io.serialize_tensor(array).numpy()
+
+
+def _example_without_instances(height: int, width: int) -> tf.train.Example:
+    """An image without annotations: no object feature at all."""
+    example = tf.train.Example()
+    f = example.features.feature
+    f[features.IMAGE_HEIGHT].int64_list.value.append(height)
+    f[features.IMAGE_WIDTH].int64_list.value.append(width)
+    f[features.IMAGE_ID].int64_list.value.append(2)
+    return example
+
+
+@pytest.mark.skipif(
+    not (COCO_TINY / "annotations").is_dir(), reason=f"coco_tiny data not found at {COCO_TINY}"
+)
+def test_batched_targets_equal_single_image_targets():
+    """`add_targets_to_records` on a batch of images of different sizes (COCO images, random
+    masks of odd sizes, an image without instances, one with crowd instances only) returns, for
+    each image, the bytes and the degenerate counts of `add_targets_to_record` on it alone,
+    whatever its place in the batch."""
+    rng = np.random.default_rng(11)
+    crowd_only = _random_example(rng, 240, 180, 4)
+    crowd_only.features.feature[features.OBJECT_IS_CROWD].int64_list.value[:] = [1] * 4
+    examples = [e for e, _ in zip(_coco_tiny_examples(), range(5))]
+    examples[2:2] = [_example_without_instances(333, 500), crowd_only]
+    examples += [_random_example(rng, h, w, n) for h, w, n in ((37, 53, 6), (300, 41, 4))]
+    assert (
+        len(
+            {
+                tuple(e.features.feature[features.IMAGE_HEIGHT].int64_list.value)
+                + tuple(e.features.feature[features.IMAGE_WIDTH].int64_list.value)
+                for e in examples
+            }
+        )
+        >= 6
+    )
+    records = [example.SerializeToString() for example in examples]
+    for spec, variants in (
+        (target_spec_for("solov2_r50_fpn_1x", "train"), ((800, False), (640, True))),
+        (target_spec_for("demo_cpu", "eval"), None),
+    ):
+        maker = TargetMaker(spec)
+        alone = [maker.add_targets_to_record(record, variants) for record in records]
+        assert maker.add_targets_to_records(records, variants) == alone
+        assert maker.add_targets_to_records(records[::-1], variants) == alone[::-1]
+        empty, crowd = alone[2][1], alone[3][1]
+        assert empty == collections.Counter(dict.fromkeys(COUNT_NAMES, 0))
+        assert crowd["instances"] == crowd["crowd"] == 4 and crowd["positive_instances"] == 0
+        with_targets = tf.train.Example.FromString(alone[2][0])
+        assert _masks(with_targets, 0).shape == (0, spec.pad // 4, spec.pad // 4)
+        np.testing.assert_array_equal(
+            _tensor(with_targets, features.SOLO_CELL_CLASS, 0, tf.int32), -1
+        )
+        assert sum(counts["positive_instances"] for _, counts in alone) > 10
 
 
 def _random_example(rng: np.random.Generator, height: int, width: int, n: int):

@@ -24,10 +24,12 @@ from models.targets import (
     _pack_bits,
     compute_targets,
     compute_targets_from_runs,
+    compute_targets_from_runs_batch,
     downsample_masks,
     level_offsets,
     num_cells,
     target_shapes,
+    targets_of_image,
     unpack_masks,
 )
 
@@ -484,6 +486,71 @@ def test_from_runs_equals_compute_targets_on_the_resized_masks(source, resized, 
         assert_same(actual, expected)
         np.testing.assert_array_equal(actual["instance_area"], dense.sum(axis=(1, 2)))
         np.testing.assert_array_equal(actual["instance_area"], expected["instance_area"])
+
+
+def test_batch_equals_each_image_alone():
+    """`compute_targets_from_runs_batch` on images of different sizes, resize maps and flips,
+    with an image without instances and one with crowd instances only, gives each image what
+    `compute_targets_from_runs` gives it alone, bit for bit (graph mode, as SoloTargetGen)."""
+    rng = np.random.default_rng(21)
+    images = []
+    for source, resized, n, flip in [
+        ((97, 131), (160, 217), 9, False),
+        ((480, 640), (800, 1067), 14, True),
+        ((333, 500), (200, 300), 0, False),  # no instances
+        ((64, 48), (64, 48), 5, True),
+        ((1, 300), (21, 37), 0, True),  # special masks only
+        ((240, 180), (300, 225), 4, False),  # crowd instances only
+    ]:
+        boxes, classes, masks, is_crowd = random_instances(rng, *source, n)
+        if source == (1, 300):
+            masks = special_masks(*source)
+            boxes = np.tile(np.float32([[0, 0, *source]]), (len(masks), 1))
+            classes, is_crowd = np.arange(len(masks), dtype=np.int32), np.zeros(len(masks), bool)
+        if source == (240, 180):
+            is_crowd[:] = True
+        rows = random_index_map(rng, source[0], resized[0])
+        cols = random_index_map(rng, source[1], resized[1])
+        images.append((boxes, classes, masks, is_crowd, rows, cols, flip))
+    padded = (1344, 1344)
+
+    def batch_fn(source_rows):
+        return tf.function(compute_targets_from_runs_batch)(
+            np.concatenate([image[0] for image in images]).reshape(-1, 4),
+            np.concatenate([image[1] for image in images]),
+            tf.concat([mask_runs(image[2]) for image in images], axis=0),
+            np.concatenate([image[3] for image in images]),
+            instance_splits=np.cumsum([0] + [len(image[1]) for image in images]),
+            source_height=[image[2].shape[1] for image in images],
+            source_width=[image[2].shape[2] for image in images],
+            source_rows=tf.ragged.constant(source_rows),
+            source_cols=tf.ragged.constant([image[5] for image in images]),
+            flip=[image[6] for image in images],
+            padded_height=padded[0],
+            padded_width=padded[1],
+        )
+
+    rows = [image[4] for image in images]
+    # The geometry is checked image by image (a map may restart lower in the next image).
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-decreasing"):
+        batch_fn(rows[:1] + [rows[1][::-1]] + rows[2:])
+    batch = batch_fn(rows)
+    assert batch["cell_class"].shape == (len(images), NUM_CELLS)
+    positives = 0
+    for j, (boxes, classes, masks, is_crowd, image_rows, image_cols, flip) in enumerate(images):
+        alone = _from_runs_graph(
+            *(boxes.reshape(-1, 4), classes, mask_runs(masks), is_crowd, masks.shape[1:]),
+            *(image_rows, image_cols, flip, padded),
+        )
+        batched = targets_of_image(batch, j)
+        assert sorted(batched) == sorted(alone)
+        for name, value in alone.items():
+            assert batched[name].dtype == value.dtype, name
+            np.testing.assert_array_equal(batched[name], value, err_msg=f"image {j}: {name}")
+        positives += int((alone["cell_instance"].numpy() >= 0).sum())
+        if is_crowd.all():
+            np.testing.assert_array_equal(batched["cell_class"], -1)
+    assert positives > 0
 
 
 def test_from_runs_matches_reference_on_boundary_instances():

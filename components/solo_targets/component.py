@@ -5,7 +5,9 @@
 For every image it materialises the target variants of the model config (training split:
 every training short side x {no flip, flip} when the recipe flips; other splits: the test scale
 only), using the same geometry (`models.preprocess`) and the same assignment function
-(`models.targets.compute_targets`) that the tests check against the official algorithm.
+(`models.targets.compute_targets`) that the tests check against the official algorithm. Images
+go through in batches of `BATCH_SIZE`, one target graph call per batch; an image's output does
+not depend on its batch (tested).
 Degenerate instances are counted in `solo_targets_report.json` and the artifact's custom
 properties, never dropped silently (they stay in the example, with no positive cell).
 """
@@ -46,17 +48,25 @@ def target_spec_for(experiment: str, split: str, train_split: str = "train") -> 
     return TargetSpec(model.grids, model.scale_ranges, model.sigma, max_size, variants)
 
 
+# Examples per target graph call. The graph's fixed cost (some hundreds of small ops, plus the
+# Python around the call) is paid once per batch; at 16 it is small next to the per-image work
+# (`benchmarks/targets.py --batch-size B` measures other sizes).
+BATCH_SIZE = 16
+
+
 class _AddTargets(beam.DoFn):
+    """A batch of serialized examples -> each with its targets, and its degenerate counts."""
+
     def __init__(self, spec: TargetSpec):
         self._spec = spec
 
     def setup(self):
         self._maker = TargetMaker(self._spec)
 
-    def process(self, serialized: bytes):
-        record, counts = self._maker.add_targets_to_record(serialized)
-        yield beam.pvalue.TaggedOutput("counts", counts)
-        yield record
+    def process(self, batch: list[bytes]):
+        for record, counts in self._maker.add_targets_to_records(batch):
+            yield beam.pvalue.TaggedOutput("counts", counts)
+            yield record
 
 
 def _sum_counters(counters) -> dict:
@@ -95,6 +105,8 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
                 pipeline
                 | f"Read[{split}]"
                 >> beam.io.ReadFromTFRecord(os.path.join(examples.path(split=split), "*"))
+                | f"Batch[{split}]"
+                >> beam.BatchElements(min_batch_size=BATCH_SIZE, max_batch_size=BATCH_SIZE)
                 | f"AddTargets[{split}]"
                 >> beam.ParDo(_AddTargets(spec)).with_outputs("counts", main="examples")
             )
