@@ -14,9 +14,9 @@ serialized example (`peak_per_image_over_example_size`): the issue's bound is ab
 For comparison, the same runner also runs the stock TFX writer alone: `WriteSplit`
 (MaybeSerialize -> Reshuffle -> WriteToTFRecord), which `BaseExampleGenExecutor.Do` applies to
 the output of every ExampleGen and which CocoExecutor no longer uses. It is fed incompressible
-records of the same size and the same split sizes, after the same kind of shuffle as our image
-tasks. Its slope (`stock_writer_alone`) is what that writer would add on its own; the in-memory
-runner holds every record at its Reshuffle.
+records of the same size and the same split sizes, made after a shuffle of small elements (as
+our task files are spread). Its slope (`stock_writer_alone`) is what that writer would add on
+its own; the in-memory runner holds every record at its Reshuffle.
 
 Usage: .venv/bin/python benchmarks/ingestion.py [--scales 1 4 16] [--runners in_memory ...]
     [--repeats N]
@@ -180,7 +180,7 @@ def _run_stock_writer(runner: str, out_dir: str, split_images: str, record_bytes
             pipeline
             | f"Count[{split}]" >> beam.Create([count])
             | f"Indices[{split}]" >> beam.FlatMap(lambda count: range(count))
-            | f"Spread[{split}]" >> beam.Reshuffle()  # As our image tasks are spread.
+            | f"Spread[{split}]" >> beam.Reshuffle()  # As our task files are spread.
             | f"Records[{split}]" >> beam.Map(_synthetic_record, int(record_bytes))
             | f"WriteSplit[{split}]" >> WriteSplit(os.path.join(out_dir, f"Split-{split}"), None)
         )

@@ -34,7 +34,15 @@ from components.coco_example_gen.coco_reader import (
     unpack_annotation,
 )
 from components.coco_example_gen.component import CocoExampleGen, executor_exec_properties
-from components.coco_example_gen.executor import CocoExecutor
+from components.coco_example_gen.executor import (
+    MAX_TASKS_PER_FILE,
+    MIN_TASK_FILES,
+    CocoExecutor,
+    TaskFileWriter,
+    _ParseAndIndex,
+    read_task_file,
+    tasks_per_file,
+)
 from schemas import features
 from tests.example_gen_utils import feature_values, read_examples, read_report, run_example_gen
 
@@ -447,6 +455,51 @@ def test_image_tasks_are_compact_on_real_coco(coco_tiny_dir):
     assert sum(map(len, encoded)) < 0.6 * plain  # 0.46 with zlib 1.2.x.
 
 
+def test_image_tasks_cross_the_shuffle_as_task_file_paths(coco_tiny_dir, bad_dataset, tmp_path):
+    # Only file paths reach the shuffle; the tasks come back from the files exactly, in order.
+    paths = (
+        os.path.join(coco_tiny_dir, "annotations", "instances_val2017.json"),
+        os.path.join(bad_dataset[0], "annotations", "instances_all.json"),
+    )
+    for number, path in enumerate(paths):
+        data = read_coco_json(path)
+        categories = CategoryMap.from_coco_categories(data["categories"])
+        items = list(index_coco(data, "x", categories))
+        task_dir = str(tmp_path / f"tasks{number}")
+        outputs = list(_ParseAndIndex("x", categories.to_json(), task_dir).process(path))
+        task_files = [o for o in outputs if not isinstance(o, beam.pvalue.TaggedOutput)]
+        rejected = [o.value for o in outputs if getattr(o, "tag", None) == "rejected"]
+        assert task_files and all(os.path.dirname(f) == task_dir for f in task_files)
+        assert sorted(os.listdir(task_dir)) == sorted(map(os.path.basename, task_files))
+        read_back = [task for f in task_files for task in read_task_file(f)]
+        assert [repr(t) for t in read_back] == [repr(t) for t in items if isinstance(t, ImageTask)]
+        assert [repr(r) for r in rejected] == [
+            repr(r) for r in items if not isinstance(r, ImageTask)
+        ]
+        per_file = tasks_per_file(len(data["images"]))
+        assert all(len(list(read_task_file(f))) <= per_file for f in task_files)
+
+
+def test_task_files_are_many_and_small():
+    assert tasks_per_file(10) == 1  # Every image its own piece of work.
+    assert tasks_per_file(MIN_TASK_FILES * 12) == 12  # x16 demo train: 64 files.
+    assert tasks_per_file(118_287) == MAX_TASKS_PER_FILE  # COCO train2017: 463 files.
+
+
+def test_task_file_writer_streams_full_files(tmp_path):
+    tasks = [
+        ImageTask("train", i, f"{i}.jpg", 4, 5, [{"id": i, "bbox": [0, 0, 1, -0.0]}])
+        for i in range(7)
+    ]
+    writer = TaskFileWriter(str(tmp_path / "tasks"), "train", per_file=3)
+    paths = [writer.add(task) for task in tasks] + [writer.close()]
+    assert [p is not None for p in paths] == [False, False, True] * 2 + [False, True]
+    assert writer.close() is None
+    files = [p for p in paths if p]
+    assert [len(list(read_task_file(f))) for f in files] == [3, 3, 1]
+    assert [repr(t) for f in files for t in read_task_file(f)] == [repr(t) for t in tasks]
+
+
 def test_packed_annotations_index_exactly_as_parsed_ones(coco_tiny_dir, bad_dataset):
     for path in (
         os.path.join(coco_tiny_dir, "annotations", "instances_val2017.json"),
@@ -458,6 +511,17 @@ def test_packed_annotations_index_exactly_as_parsed_ones(coco_tiny_dir, bad_data
         packed = read_coco_json(path, packed=True)
         assert all(isinstance(a, bytes) for a in packed["annotations"])
         assert [repr(item) for item in index_coco(packed, "x", categories)] == expected
+
+
+def test_files_over_one_read_chunk_are_read_exactly(tmp_path):
+    # Files are read in 1 MB pieces; a multi-byte character may straddle two of them.
+    names = [f"{i}-ünï字.jpg" for i in range(120_000)]
+    images = [{"id": i, "file_name": n, "height": 1, "width": 1} for i, n in enumerate(names)]
+    data = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "字"}]}
+    path = tmp_path / "instances_x.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    assert path.stat().st_size > 3 * 2**20
+    assert read_coco_json(str(path)) == data
 
 
 def test_reading_never_holds_every_parsed_annotation(tmp_path):
@@ -508,6 +572,7 @@ class _StockWriterExecutor(CocoExecutor):
 
     def Do(self, input_dict, output_dict, exec_properties):
         self._report_dir = output_dict["examples"][0].uri
+        self._task_dir = self._report_dir + "_image_tasks"  # Outside the artifact.
         BaseExampleGenExecutor.Do(self, input_dict, output_dict, exec_properties)
 
 

@@ -3,24 +3,34 @@
 Pipeline shape, per input split (one annotation file):
 
     Create([json path]) -> ParseAndIndex (one worker reads the JSON, packing each annotation
-                                          as it is parsed, and checks every record)
-        -> Reshuffle (spreads image tasks over workers; tasks carry no pixels, and their
-           annotations travel compressed)
-        -> BuildExamples (read, check, encode one image at a time)
+                                          as it is parsed, checks every record, and pickles
+                                          the image tasks into task files)
+        -> Reshuffle (spreads the task file paths over workers)
+        -> BuildExamples (reads a task file; reads, checks, encodes one image at a time)
         -> [hash partition by image id, when splitting one file]
         -> WriteToTFRecord (gzip TFRecords `Split-<name>/data_tfrecord-*-of-*.gz`)
 
 Everything from BuildExamples to the file runs fused, one image at a time, so no example waits
 between steps and no decoded pixels are held.
 
+Only file paths cross the shuffle, because the DirectRunner holds a shuffled collection in
+memory, several times over in multi-processing mode (the runner's grouping buffer and gRPC
+data channel, and the sending and receiving workers' buffers). An image task carries its
+annotations (2.4 KB pickled for a demo image); shuffled as elements, the tasks added 19 KB to
+peak memory per image in multi-processing mode, two thirds of the whole ingestion's cost then
+(`benchmarks/ingestion.py`, 256 -> 1024 demo images). Task files (`TASK_DIRNAME` under the
+Examples artifact, removed by `Do`) hold at most `MAX_TASKS_PER_FILE` tasks each, at least
+`MIN_TASK_FILES` per split so that workers still share a split, and are read sequentially, so
+that a distributed runner reads each byte once.
+
 `Do` writes the splits itself instead of through the stock `write_split.WriteSplit`, which
 reshuffles the encoded examples before writing them. The in-memory DirectRunner materialises
 a shuffle, so that second one would hold every encoded example of the run at once: on its own
-it adds 4.4x the encoded example to peak memory per image, against 0.3x for all of
-CocoExampleGen without it (`benchmarks/ingestion.py`). It buys nothing here: the task Reshuffle
-already spreads the work over workers, and the order of the records does not matter because
-the Trainer shuffles. The output is otherwise what the stock writer produces: the same files,
-split names and payload/file format properties.
+it adds 4.4x the encoded example to peak memory per image, against 0.2x for all of
+CocoExampleGen without it (`benchmarks/ingestion.py`). It buys nothing here: the Reshuffle of
+task files already spreads the work over workers, and the order of the records does not matter
+because the Trainer shuffles. The output is otherwise what the stock writer produces: the same
+files, split names and payload/file format properties.
 
 Every rejection and every written image (as its split name and annotation count) also flows
 into one combiner that writes `ingestion_report.json` into the Examples artifact; `Do` then
@@ -36,8 +46,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import pickle
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -67,6 +81,13 @@ from components.coco_example_gen.example_builder import (
 from schemas import features
 
 DEFAULT_MAX_REJECT_FRACTION = 0.05
+# Image tasks travel in task files (see the module docstring). A split is cut into at least
+# MIN_TASK_FILES files, so that as many workers can share it, of at most MAX_TASKS_PER_FILE
+# tasks (about 0.6 MB of demo or COCO tasks), so that a file stays a small piece of work.
+MIN_TASK_FILES = 64
+MAX_TASKS_PER_FILE = 256
+# Task files are written under the Examples artifact, in this folder, and removed by `Do`.
+TASK_DIRNAME = ".image_tasks"
 # The report lists at most this many individual rejections of each kind; counts stay complete.
 MAX_LISTED_REJECTIONS = 10_000
 _REJECTED = "rejected"
@@ -109,12 +130,62 @@ def infer_image_root(input_base: str, annotation_path: str, file_names: list[str
     return next((root for root in candidates if tf.io.gfile.isdir(root)), input_base)
 
 
-class _ParseAndIndex(beam.DoFn):
-    """Reads one annotation file; emits ImageTasks (main) and Rejections and input counts."""
+def tasks_per_file(num_images: int) -> int:
+    """How many image tasks go into one task file, for a split of `num_images` images."""
+    return max(1, min(MAX_TASKS_PER_FILE, math.ceil(num_images / MIN_TASK_FILES)))
 
-    def __init__(self, split: str, category_map_json: list[dict[str, Any]]):
+
+class TaskFileWriter:
+    """Pickles image tasks one after another into task files of at most `per_file` tasks.
+
+    Each task is written as it comes, so only one is in memory. Every file gets a new name, so
+    a retried bundle never overwrites a file that another attempt's output names.
+    """
+
+    def __init__(self, task_dir: str, split: str, per_file: int):
+        self._task_dir = task_dir
+        self._split = split
+        self._per_file = per_file
+        self._file = None
+        self._path = ""
+        self._count = 0
+        tf.io.gfile.makedirs(task_dir)
+
+    def add(self, task: ImageTask) -> str | None:
+        """Writes `task`; returns the path of its file if that file is now full (and closed)."""
+        if self._file is None:
+            self._path = os.path.join(self._task_dir, f"{self._split}-{uuid.uuid4().hex}.tasks")
+            self._file = tf.io.gfile.GFile(self._path, "wb")
+        pickle.dump(task, self._file, pickle.HIGHEST_PROTOCOL)
+        self._count += 1
+        return self.close() if self._count == self._per_file else None
+
+    def close(self) -> str | None:
+        """Closes the file being filled, if any, and returns its path."""
+        if self._file is None:
+            return None
+        self._file.close()
+        self._file, self._count = None, 0
+        return self._path
+
+
+def read_task_file(path: str) -> Iterator[ImageTask]:
+    """The tasks of one task file, in order, unpickled one at a time."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while True:
+            try:
+                yield pickle.load(f)
+            except EOFError:
+                return
+
+
+class _ParseAndIndex(beam.DoFn):
+    """Reads one annotation file; emits task file paths (main), Rejections and input counts."""
+
+    def __init__(self, split: str, category_map_json: list[dict[str, Any]], task_dir: str):
         self._split = split
         self._category_map_json = category_map_json
+        self._task_dir = task_dir
 
     def process(self, annotation_path: str):
         data = read_coco_json(annotation_path, packed=True)
@@ -128,27 +199,33 @@ class _ParseAndIndex(beam.DoFn):
             },
         )
         category_map = CategoryMap.from_json(self._category_map_json)
+        writer = TaskFileWriter(self._task_dir, self._split, tasks_per_file(len(data["images"])))
         for item in index_coco(data, self._split, category_map):
             if isinstance(item, Rejection):
                 yield beam.pvalue.TaggedOutput(_REJECTED, item)
-            else:
-                yield item
+            elif path := writer.add(item):
+                yield path
+        if path := writer.close():
+            yield path
 
 
 class _BuildExamples(beam.DoFn):
+    """Reads one task file; emits a BuiltExample (main) or Rejections per task, one at a time."""
+
     def __init__(self, image_root: str, class_index_by_coco_id: dict[int, int], max_pixels: int):
         self._image_root = image_root
         self._class_index_by_coco_id = class_index_by_coco_id
         self._max_pixels = max_pixels
 
-    def process(self, task: ImageTask):
-        built, rejections = build_example(
-            task, self._image_root, self._class_index_by_coco_id, self._max_pixels
-        )
-        for rejection in rejections:
-            yield beam.pvalue.TaggedOutput(_REJECTED, rejection)
-        if built is not None:
-            yield built
+    def process(self, task_file: str):
+        for task in read_task_file(task_file):
+            built, rejections = build_example(
+                task, self._image_root, self._class_index_by_coco_id, self._max_pixels
+            )
+            for rejection in rejections:
+                yield beam.pvalue.TaggedOutput(_REJECTED, rejection)
+            if built is not None:
+                yield built
 
 
 def _hash_bucket(built: BuiltExample, num_partitions: int, buckets: list[int]) -> int:
@@ -294,13 +371,13 @@ class CocoExecutor(BaseExampleGenExecutor):
                 pipeline
                 | f"AnnotationFile[{split_name}]" >> beam.Create([annotation_path])
                 | f"ParseAndIndex[{split_name}]"
-                >> beam.ParDo(_ParseAndIndex(split_name, category_map.to_json())).with_outputs(
-                    "inputs", _REJECTED, main="tasks"
-                )
+                >> beam.ParDo(
+                    _ParseAndIndex(split_name, category_map.to_json(), self._task_dir)
+                ).with_outputs("inputs", _REJECTED, main="task_files")
             )
             built = (
-                parsed.tasks
-                | f"SpreadTasks[{split_name}]" >> beam.Reshuffle()
+                parsed.task_files
+                | f"SpreadTaskFiles[{split_name}]" >> beam.Reshuffle()
                 | f"BuildExamples[{split_name}]"
                 >> beam.ParDo(
                     _BuildExamples(image_roots[split_name], class_index, max_pixels)
@@ -381,17 +458,22 @@ class CocoExecutor(BaseExampleGenExecutor):
             example_gen_utils.generate_output_split_names(input_config, output_config)
         )
         self._report_dir = examples.uri
+        self._task_dir = os.path.join(examples.uri, TASK_DIRNAME)
 
-        with self._make_beam_pipeline() as pipeline:
-            splits = self.GenerateExamplesByBeam(pipeline, exec_properties)
-            for split_name, serialized in splits.items():
-                prefix = os.path.join(
-                    artifact_utils.get_split_uri(outputs, split_name),
-                    write_split.DEFAULT_TF_RECORD_FILE_NAME,
-                )
-                _ = serialized | f"WriteSplit[{split_name}]" >> beam.io.WriteToTFRecord(
-                    prefix, file_name_suffix=".gz"
-                )
+        try:
+            with self._make_beam_pipeline() as pipeline:
+                splits = self.GenerateExamplesByBeam(pipeline, exec_properties)
+                for split_name, serialized in splits.items():
+                    prefix = os.path.join(
+                        artifact_utils.get_split_uri(outputs, split_name),
+                        write_split.DEFAULT_TF_RECORD_FILE_NAME,
+                    )
+                    _ = serialized | f"WriteSplit[{split_name}]" >> beam.io.WriteToTFRecord(
+                        prefix, file_name_suffix=".gz"
+                    )
+        finally:
+            if tf.io.gfile.exists(self._task_dir):
+                tf.io.gfile.rmtree(self._task_dir)
 
         # As the stock `BaseExampleGenExecutor.Do` sets them, for the readers downstream.
         payload_format = exec_properties.get(standard_component_specs.OUTPUT_DATA_FORMAT_KEY)
