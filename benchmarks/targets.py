@@ -6,9 +6,11 @@ JPEG decode that every input pipeline already pays. Prints one JSON object.
     .venv/bin/python -m benchmarks.targets [--coco-dir DIR] [--images 16] [--repeats 9]
 
 Inputs are real coco_tiny images with all their annotations, as CocoExampleGen stores them
-(JPEG bytes, boxes, masks as compressed COCO RLE), under two configs: the official 1x
-(`solov2_r50_fpn_1x`: shorter side 800, longer side at most 1333, fixed 1344 x 1344 pad) and
-the demo (`demo_cpu`: 256, 352 pad). Times are warm medians in milliseconds per image. Every
+(JPEG bytes, boxes, masks as compressed COCO RLE), under three configs: the official 1x
+(`solov2_r50_fpn_1x`: shorter side 800, longer side at most 1333, fixed 1344 x 1344 pad; its
+training recipe has 2 variants, 800 x flip), the official 3x (`solov2_r50_fpn_3x`: the same
+geometry, 12 variants, shorter sides 640..800 x flip) and the demo (`demo_cpu`: 256, 352 pad,
+2 variants). Times are warm medians in milliseconds per image. Every
 measurement is taken once per round, all of them in a random order, for `--repeats` rounds: the
 ratios compare figures taken under the same load (the machine may be shared).
 
@@ -48,7 +50,11 @@ from components.solo_targets.transform import TargetMaker
 from models.targets import compute_targets
 
 DEFAULT_COCO_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared/data/coco_tiny"
-CONFIGS = {"official_800x1333": "solov2_r50_fpn_1x", "demo_256": "demo_cpu"}
+CONFIGS = {
+    "official_800x1333": "solov2_r50_fpn_1x",
+    "official_3x_multiscale": "solov2_r50_fpn_3x",
+    "demo_256": "demo_cpu",
+}
 
 
 def _load_images(coco_dir: pathlib.Path, count: int) -> list[dict]:

@@ -14,6 +14,9 @@ Two entry points compute the same targets from two forms of the same masks:
   `compute_targets_from_runs_batch` is the same for J images in one call, so that the graph's
   fixed cost (some hundreds of small ops) is paid once per batch: SoloTargetGen uses it
   (`benchmarks/targets.py` measures both); `compute_targets_from_runs` is its batch of one.
+  Its images are made from source images (several per source: SoloTargetGen's scale and flip
+  variants), and what does not depend on the resize or the flip, the runs' rectangles, is
+  computed once per source image.
 
 All are plain TF ops (eager, `tf.function` or `tf.data`): no Python loop over images, instances,
 cells or levels (all levels are handled at once over the flat cell axis), and fixed-shape outputs
@@ -131,8 +134,14 @@ def downsample_masks(masks: tf.Tensor) -> tf.Tensor:
 
 
 def _row_ids(row_splits: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """The row (int32) of each of `size` flat values of a ragged tensor with these `row_splits`."""
-    return tf.searchsorted(row_splits[1:], tf.range(size, dtype=row_splits.dtype), side="right")
+    """The row (int32) of each of `size` flat values of a ragged tensor with these `row_splits`.
+
+    Value k is in row `#{j >= 1: row_splits[j] <= k}`: rows are counted where they start, then
+    summed (linear time, faster than a binary search per value or `value_rowids`).
+    """
+    starts = row_splits[1:-1]
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(starts, tf.int32), starts, size + 1)
+    return tf.cumsum(counts[:-1])
 
 
 def _gather_where(condition: tf.Tensor, *tensors: tf.Tensor) -> list[tf.Tensor]:
@@ -331,10 +340,12 @@ def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.
     runs: `[N, (M)]` run lengths of `[H0, W0]` masks (COCO uncompressed RLE: flat pixel index
     `column * H0 + row`, alternating background / foreground runs, background first), with H0
     the mask's `source_height` (`[N]` int64, one per mask). A run may wrap over columns, so it
-    splits into the rest of its first column, whole columns, and the start of its last column.
-    Returns `[instance, row0, row1, col0, col1]`, each `[R]` int64, rows and columns half-open
-    (empty parts are dropped), then, per instance `[N]` int64, the pixels its runs cover
-    (H0 * W0 when valid) and its foreground pixels.
+    is cut into one piece per column; then pieces with the same rows in adjacent columns are
+    joined (masks often have the same rows over a few columns: about 1 in 4 on COCO, and
+    every whole column of a wrapping run). Returns `[instance, row0, row1, col0, col1]`, each
+    `[R]` int64, rows and columns half-open, instance by instance (`instance` non-decreasing),
+    then, per instance `[N]` int64, the pixels its runs cover (H0 * W0 when valid) and its
+    foreground pixels.
     """
     lengths = tf.cast(runs.flat_values, tf.int64)
     splits = tf.cast(runs.row_splits, tf.int64)
@@ -348,40 +359,48 @@ def _run_rectangles(runs: tf.RaggedTensor, source_height: tf.Tensor) -> list[tf.
     foreground = tf.equal(tf.bitwise.bitwise_and(index, 1), 1)  # odd runs
     instance, begin, lengths = _gather_where(foreground & (lengths > 0), instance, begin, lengths)
     area = tf.math.unsorted_segment_sum(lengths, instance, num_instances)
-    last = begin + lengths - 1  # inclusive
     height = tf.gather(source_height, instance)
-    first_col, last_col = begin // height, last // height
-    first_row, last_row_end = begin - first_col * height, last - last_col * height + 1
-    one_col = tf.equal(first_col, last_col)
-    zero = tf.zeros_like(begin)
-    row0 = tf.concat([first_row, zero, zero], 0)
-    row1 = tf.concat(
-        [tf.where(one_col, last_row_end, height), height, tf.where(one_col, zero, last_row_end)], 0
+    end = begin + lengths
+    # One piece per column of each run: rows [row0, row1) of column col0.
+    columns = tf.ragged.range(begin // height, (end - 1) // height + 1)
+    col0 = columns.flat_values
+    run = _row_ids(columns.row_splits, tf.size(col0, out_type=tf.int64))
+    instance, begin, end, height = (tf.gather(v, run) for v in (instance, begin, end, height))
+    column_start = col0 * height
+    row0 = tf.maximum(begin - column_start, 0)
+    row1 = tf.minimum(end - column_start, height)
+    # A piece with the rows of the one before, in the next column, extends it.
+    extends = (
+        tf.equal(instance[1:], instance[:-1])
+        & tf.equal(row0[1:], row0[:-1])
+        & tf.equal(row1[1:], row1[:-1])
+        & tf.equal(col0[1:], col0[:-1] + 1)
     )
-    col0 = tf.concat([first_col, first_col + 1, last_col], 0)
-    col1 = tf.concat([first_col + 1, tf.maximum(last_col, first_col + 1), last_col + 1], 0)
-    instance = tf.concat([instance, instance, instance], 0)
-    rectangles = _gather_where((row1 > row0) & (col1 > col0), instance, row0, row1, col0, col1)
+    new = tf.concat([tf.ones_like(instance[:1], tf.bool), tf.logical_not(extends)], 0)
+    merged = tf.cumsum(tf.cast(new, tf.int64)) - 1  # the rectangle of each piece
+    col1 = tf.math.unsorted_segment_max(col0, merged, tf.reduce_sum(tf.cast(new, tf.int64))) + 1
+    rectangles = _gather_where(new, instance, row0, row1, col0) + [col1]
     return rectangles, covered, area
 
 
-def _sample_ranges(lo: tf.Tensor, hi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Pixel ranges `[lo, hi)` `[R]` (`lo >= 0`) on one axis -> the 1/4-scale indices sampled.
+def _sample_ranges(lo: tf.Tensor, hi: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """Pixel ranges `[lo, hi)` `[R]` (`0 <= lo <= hi`) on one axis -> the 1/4-scale indices
+    that hold one or two of their samples.
 
     Index d of `downsample_masks` samples pixels 4d+1 and 4d+2. `[lo, hi)` holds pixel 4d+1 for
     d in `[a(lo), a(hi))` and 4d+2 for d in `[b(lo), b(hi))`, with a(x) = (x + 2) // 4 and
-    b(x) = (x + 1) // 4 (so b <= a <= b + 1). Hence up to three ranges of d, holding 1, 2 and 1 of
-    the range's samples. Returns their starts and ends, `[R, 3]` each (empty when start >= end).
+    b(x) = (x + 1) // 4 (so b <= a <= b + 1). Returns `start, end, both_start, both_end`, `[R]`
+    each: d holds a sample iff `start <= d < end`, both iff `both_start <= d < both_end`
+    (`start, end = b(lo), a(hi)`, empty when `lo == hi`; `both = [a(lo), b(hi))`). So at most
+    the first and the last index of `[start, end)` hold one sample only.
     """
 
     def quarter(x):  # x // 4 for x >= 0 (integer division is slow elementwise)
         return tf.bitwise.right_shift(x, 2)
 
-    a_lo, a_hi = quarter(lo + 2), quarter(hi + 2)
-    b_lo, b_hi = quarter(lo + 1), quarter(hi + 1)
-    starts = tf.stack([b_lo, a_lo, tf.maximum(a_lo, b_hi)], axis=1)
-    ends = tf.stack([tf.minimum(a_lo, b_hi), b_hi, a_hi], axis=1)
-    return starts, ends
+    start = quarter(lo + 1)
+    end = tf.where(hi > lo, quarter(hi + 2), start)
+    return start, end, quarter(lo + 2), quarter(hi + 1)
 
 
 # Bits of the 8 {0,1} bytes of a uint64 word, first byte in memory to the most significant bit
@@ -430,87 +449,125 @@ def _downsample_rectangles(
     flat uint8 `[sum(out_height * out_width) / 8]`: instance i's `[out_height[i], out_width[i] / 8]`
     bytes (see `unpack_masks`) follow those of instances 0 .. i - 1.
 
-    Output pixel (d, e) is on iff at least 2 of its 4 samples are on. Over the 3 x 3 blocks of
-    `_sample_ranges`, a rectangle holds (1, 2 or 1) x (1, 2 or 1) samples of each output pixel;
-    the rectangles are disjoint, so adding blocks counts every sample once. Blocks are enumerated
-    column by column (work ~ the masks' area at 1/4 scale): a pixel is on iff a block holding 2
-    or 4 of its samples covers it, or one-sample blocks cover it twice.
+    Output pixel (d, e) is on iff at least 2 of its 4 samples are on. A rectangle holds samples
+    of the pixels of a range of rows times a range of columns (`_sample_ranges`): both row
+    samples inside its rows but the first and last row, likewise for columns, so it holds 2 or
+    4 samples of each pixel but the (up to 4) corners, which get 1. The rectangles are disjoint,
+    so every sample is counted once: a pixel is on iff a rectangle holds 2 of its samples, or
+    two rectangles hold one each. Rectangles are walked column by column (work ~ the masks'
+    area at 1/4 scale); the corners are few, and sorted to find those that meet. Pixels are set
+    in each instance's bounding box (whole bytes), which is packed, then placed in the output:
+    the masks cover a small part of the output, which is only written packed.
     """
-    y_starts, y_ends = _sample_ranges(y0, y1)
-    x_starts, x_ends = _sample_ranges(x0, x1)
-    # Nonempty blocks (rectangle, y range i, x range j); the middle ranges hold 2 samples.
-    block = tf.where((y_ends > y_starts)[:, :, tf.newaxis] & (x_ends > x_starts)[:, tf.newaxis, :])
-    rect_i, rect_j = block[:, :2], tf.stack([block[:, 0], block[:, 2]], axis=1)
-    columns = tf.ragged.range(tf.gather_nd(x_starts, rect_j), tf.gather_nd(x_ends, rect_j))
-    column = columns.flat_values  # one segment of output pixels per block column
-    of_column = _row_ids(columns.row_splits, tf.size(column, out_type=tf.int64))
-    # Flat output index of pixel (d, e) of instance i: first[i] + d * out_width[i] + e.
-    first = tf.cumsum(out_height * out_width, exclusive=True)
-    block_instance = tf.gather(instance, block[:, 0])
-    stride = tf.gather(out_width, block_instance)
-    block_top = tf.gather(first, block_instance) + tf.gather_nd(y_starts, rect_i) * stride
-    block_bottom = (
-        block_top + (tf.gather_nd(y_ends, rect_i) - tf.gather_nd(y_starts, rect_i)) * stride
+    y_start, y_end, y_both, y_both_end = _sample_ranges(y0, y1)
+    x_start, x_end, x_both, x_both_end = _sample_ranges(x0, x1)
+    # Each instance's box: rows [box_y0, box_y1), bytes [box_b0, box_b1) (columns 8 b ...),
+    # empty (both bounds at the output's end) for an instance without rectangles.
+    num_instances = tf.size(out_height)
+
+    def box(low, high, size):
+        start = tf.minimum(tf.math.unsorted_segment_min(low, instance, num_instances), size)
+        end = tf.math.unsorted_segment_max(high, instance, num_instances)
+        return start, tf.maximum(end, start)
+
+    box_y0, box_y1 = box(y_start, y_end, out_height)
+    box_b0, box_b1 = box(
+        tf.bitwise.right_shift(x_start, 3), tf.bitwise.right_shift(x_end + 7, 3), out_width // 8
     )
-    double = tf.gather((block[:, 1] == 1) | (block[:, 2] == 1), of_column)
-    top = tf.gather(block_top, of_column) + column
-    bottom = tf.gather(block_bottom, of_column) + column
-    step = tf.gather(stride, of_column)
+    box_height, box_bytes = box_y1 - box_y0, box_b1 - box_b0
+    box_pixels = box_height * box_bytes * 8
+    # Index of pixel (d, e) of instance i in the boxes: origin[i] + d * 8 box_bytes[i] + e.
+    origin = tf.cumsum(box_pixels, exclusive=True) - (box_y0 * box_bytes + box_b0) * 8
+    stride = tf.gather(box_bytes * 8, instance)
+    top = tf.gather(origin, instance) + y_start * stride  # [R], pixel (y_start, 0)
+    bottom = top + (y_end - y_start) * stride
+    # The first / last row holds one row sample (when the rectangle holds any pixel).
+    top_corner = tf.where((y_start < y_both) & (y_end > y_start), stride, 0)
+    bottom_corner = tf.where((y_both_end < y_end) & (y_end > y_start), stride, 0)
 
-    def pixels(selected):  # flat output indices, column segments walked with the row stride
-        return tf.ragged.range(*_gather_where(selected, top, bottom, step)).flat_values
-
-    # On: every pixel of a block holding 2 or 4 samples, and every pixel that two or more
-    # one-sample blocks meet (found by sorting: they are few, on the edges of rectangles).
-    single_pixels = tf.sort(pixels(~double))
-    (repeated,) = _gather_where(tf.equal(single_pixels[1:], single_pixels[:-1]), single_pixels[1:])
-    num_pixels = tf.reduce_sum(out_height * out_width)
-    # Unvalidated: `on` may list a pixel twice (it is set to 1 twice).
-    masks = tf.raw_ops.SparseToDense(
-        sparse_indices=tf.concat([pixels(double), repeated], 0),
+    columns = tf.ragged.range(x_start, x_end)
+    column = columns.flat_values  # [C]: the columns of every rectangle
+    rectangle = _row_ids(columns.row_splits, tf.size(column, out_type=tf.int64))
+    # In a column holding one column sample, the corners hold one sample in all.
+    edge = (column < tf.gather(x_both, rectangle)) | (column >= tf.gather(x_both_end, rectangle))
+    top, bottom = tf.gather(top, rectangle) + column, tf.gather(bottom, rectangle) + column
+    top_corner = tf.where(edge, tf.gather(top_corner, rectangle), 0)
+    bottom_corner = tf.where(edge, tf.gather(bottom_corner, rectangle), 0)
+    # Pixels of two or four samples: each column but its corners, walked with the row stride.
+    on = tf.ragged.range(
+        top + top_corner, bottom - bottom_corner, tf.gather(stride, rectangle)
+    ).flat_values
+    # Corners: on where two meet (they are few, on the edges of rectangles).
+    corners = tf.concat(
+        _gather_where(top_corner > 0, top)
+        + _gather_where(bottom_corner > 0, bottom - bottom_corner),
+        0,
+    )
+    corners = tf.sort(corners)
+    (repeated,) = _gather_where(tf.equal(corners[1:], corners[:-1]), corners[1:])
+    num_pixels = tf.reduce_sum(box_pixels)
+    # Unvalidated: a pixel may be listed twice (two rectangles holding 2 of its samples each,
+    # or three corners meeting); it is set to 1 twice.
+    boxes = tf.raw_ops.SparseToDense(
+        sparse_indices=tf.concat([on, repeated], 0),
         output_shape=num_pixels[tf.newaxis],
         sparse_values=tf.constant(1, tf.uint8),
         default_value=tf.constant(0, tf.uint8),
         validate_indices=False,
     )
-    # Every instance starts on a whole byte (out_width is a multiple of 8).
-    return _pack_bits(tf.reshape(masks, [num_pixels // 8, 8]))
-
-
-def _resized_bounds(
-    index: tf.RaggedTensor, source_size: tf.Tensor, image: tf.Tensor, *bounds: tf.Tensor
-) -> list[tf.Tensor]:
-    """Source index bounds -> resized index bounds, through each image's index map.
-
-    index: `[J, (h)]` int, row j non-decreasing in `[0, source_size[j])`: image j's source index
-    of each resized index; source_size `[J]` int64. image and each bound `[R]` int64 (bound in
-    `[0, source_size[image]]`). Returns, per bound, `[R]` int64: how many resized indices of the
-    image map to a source index `< bound`. So the source range `[b0, b1)` becomes the resized
-    range `[result(b0), result(b1))`. Looked up in a table of every image's `source_size + 1`
-    answers, counted rather than searched (bounds are more numerous than source indices).
-    """
-    values = tf.cast(index.flat_values, tf.int64)
-    splits = tf.cast(index.row_splits, tf.int64)
-    # Entry `first[j] + r` of the table counts the resized indices of images before j, plus
-    # those of image j whose source index is below r.
-    first = tf.cumsum(source_size + 1, exclusive=True)  # [J]
-    entry = tf.gather(first, _row_ids(splits, tf.size(values, out_type=tf.int64))) + values + 1
-    table = tf.cumsum(
-        tf.math.unsorted_segment_sum(tf.ones_like(values), entry, tf.reduce_sum(source_size + 1))
+    packed = _pack_bits(tf.reshape(boxes, [num_pixels // 8, 8]))
+    # Byte k of row r of instance i's box is output byte
+    # `out_first[i] + (box_y0[i] + r) * out_width[i] / 8 + box_b0[i] + k`.
+    row_bytes = out_width // 8
+    out_first = tf.cumsum(out_height * row_bytes, exclusive=True)
+    rows = tf.ragged.range(box_height)
+    row_instance = _row_ids(rows.row_splits, tf.size(rows.flat_values, out_type=tf.int64))
+    row_start = tf.gather(out_first + box_y0 * row_bytes + box_b0, row_instance) + (
+        rows.flat_values * tf.gather(row_bytes, row_instance)
     )
-    start, before = tf.gather(first, image), tf.gather(splits, image)
-    return [tf.gather(table, start + bound) - before for bound in bounds]
+    place = tf.ragged.range(row_start, row_start + tf.gather(box_bytes, row_instance))
+    return tf.raw_ops.SparseToDense(
+        sparse_indices=place.flat_values,
+        output_shape=tf.reduce_sum(out_height * row_bytes)[tf.newaxis],
+        sparse_values=packed,
+        default_value=tf.constant(0, tf.uint8),
+        validate_indices=False,
+    )
 
 
-def _monotonic_within(index: tf.RaggedTensor, size: tf.Tensor) -> tf.Tensor:
-    """Whether every row j of `index` `[J, (h)]` is non-decreasing within `[0, size[j])`."""
-    values = tf.cast(index.flat_values, tf.int64)
-    row = _row_ids(tf.cast(index.row_splits, tf.int64), tf.size(values, out_type=tf.int64))
-    same_row = tf.equal(row[1:], row[:-1])
+def resize_starts(index, source_size) -> tf.Tensor:
+    """A nearest-neighbour resize's index map `[h]` (the source index of each resized index,
+    non-decreasing in `[0, source_size)`) -> the resized index where each source index starts,
+    `[source_size + 1]` int32: source index r becomes resized indices `[starts[r], starts[r + 1])`
+    (`starts[0] = 0`, `starts[source_size] = h`). The form `compute_targets_from_runs_batch`
+    takes."""
+    index = tf.cast(index, tf.int64)
+    return tf.searchsorted(index, tf.range(tf.cast(source_size, tf.int64) + 1), side="left")
+
+
+def _monotonic_within(index: tf.Tensor, size) -> tf.Tensor:
+    """Whether `index` `[h]` is non-decreasing within `[0, size)`."""
+    index = tf.cast(index, tf.int64)
     return (
-        tf.reduce_all((values[1:] >= values[:-1]) | tf.logical_not(same_row))
-        & tf.reduce_all(values >= 0)
-        & tf.reduce_all(values < tf.gather(size, row))
+        tf.reduce_all(index[1:] >= index[:-1])
+        & tf.reduce_all(index >= 0)
+        & tf.reduce_all(index < tf.cast(size, tf.int64))
+    )
+
+
+def _valid_starts(starts: tf.RaggedTensor, source_size: tf.Tensor, limit: tf.Tensor) -> tf.Tensor:
+    """Whether each row j of `starts` `[J, (S + 1)]` is a `resize_starts` of a map of
+    `source_size[j]` (`[J]` int64) source indices: `source_size[j] + 1` values, from 0,
+    non-decreasing, at most `limit`."""
+    values = tf.cast(starts.flat_values, tf.int64)
+    splits = tf.cast(starts.row_splits, tf.int64)
+    size = tf.size(values, out_type=tf.int64)
+    first = tf.equal(tf.range(size), tf.gather(splits, _row_ids(splits, size)))
+    return (
+        tf.reduce_all(tf.equal(splits[1:] - splits[:-1], source_size + 1))
+        & tf.reduce_all(tf.equal(values, 0) | tf.logical_not(first))
+        & tf.reduce_all((values[1:] >= values[:-1]) | first[1:])
+        & tf.reduce_all(values <= tf.cast(limit, tf.int64))
     )
 
 
@@ -566,18 +623,31 @@ def compute_targets_from_runs(
       padded_width / 4)` is `instance_masks`. About 14x smaller at the 1344 pad: SoloTargetGen
       stores them as they are. And `source_area` `[N]` int64: foreground pixels at H0 x W0.
 
-    Computed as `compute_targets_from_runs_batch` of a batch of one image.
+    Computed as `compute_targets_from_runs_batch` of one image made from one source image.
     """
+    checks = []
+    if check_geometry:
+        checks.append(
+            tf.debugging.Assert(
+                _monotonic_within(source_rows, source_height)
+                & _monotonic_within(source_cols, source_width),
+                ["source_rows / source_cols must be non-decreasing source indices"],
+            )
+        )
+    with tf.control_dependencies(checks):
+        row_starts = resize_starts(source_rows, source_height)
+        col_starts = resize_starts(source_cols, source_width)
     batch = compute_targets_from_runs_batch(
         boxes,
         classes,
         runs,
         is_crowd,
-        instance_splits=tf.stack([0, runs.nrows(out_type=tf.int32)]),
+        mask_splits=tf.stack([0, runs.nrows(out_type=tf.int32)]),
         source_height=tf.reshape(source_height, [1]),
         source_width=tf.reshape(source_width, [1]),
-        source_rows=_one_row(source_rows),
-        source_cols=_one_row(source_cols),
+        source_image=tf.zeros([1], tf.int32),
+        row_starts=_one_row(row_starts),
+        col_starts=_one_row(col_starts),
         flip=tf.reshape(flip, [1]),
         padded_height=padded_height,
         padded_width=padded_width,
@@ -601,11 +671,12 @@ def compute_targets_from_runs_batch(
     runs: tf.RaggedTensor,
     is_crowd: tf.Tensor,
     *,
-    instance_splits: tf.Tensor,
+    mask_splits: tf.Tensor,
     source_height: tf.Tensor,
     source_width: tf.Tensor,
-    source_rows: tf.RaggedTensor,
-    source_cols: tf.RaggedTensor,
+    source_image: tf.Tensor,
+    row_starts: tf.RaggedTensor,
+    col_starts: tf.RaggedTensor,
     flip: tf.Tensor,
     padded_height,
     padded_width,
@@ -614,18 +685,27 @@ def compute_targets_from_runs_batch(
     sigma: float = SIGMA,
     check_geometry: bool = True,
 ) -> dict[str, tf.Tensor]:
-    """`compute_targets_from_runs` of J images in one call, of the same graph size for any J.
+    """`compute_targets_from_runs` of J images made from S source images, in one call.
 
     The graph has a fixed cost of some hundreds of small ops, whatever the number of instances;
-    SoloTargetGen pays it once per batch of images rather than once per image.
+    SoloTargetGen pays it once per batch of images rather than once per image. An image is a
+    source image resized, maybe flipped: several images of one source image (SoloTargetGen's
+    variants) share the parsing of its runs into rectangles, and only map those to each
+    image's geometry.
 
     Args:
-      boxes, classes, runs, is_crowd: as `compute_targets_from_runs`, for the N instances of all
-        J images, image by image: image j holds instances `[instance_splits[j],
-        instance_splits[j + 1])` (`instance_splits` `[J + 1]` int, ascending from 0).
-      source_height, source_width: `[J]` int: each image's H0 and W0.
-      source_rows: `[J, (h)]` int ragged: row j is image j's `source_rows` (see
-        `compute_targets_from_runs`), `source_cols` `[J, (w)]` likewise.
+      runs: `[N0, (M)]` int ragged, the runs (see `compute_targets_from_runs`) of the masks of
+        S source images, image by image: source image s holds masks `[mask_splits[s],
+        mask_splits[s + 1])` (`mask_splits` `[S + 1]` int, ascending from 0).
+      source_height, source_width: `[S]` int: each source image's H0 and W0.
+      source_image: `[J]` int in `[0, S)`: the source image of each image (any order, repeats
+        allowed). Image j has the instances of its source image, in their order.
+      boxes, classes, is_crowd: as `compute_targets_from_runs`, for the N instances of the J
+        images, image by image (N = the sum of the images' instance counts).
+      row_starts: `[J, (H0 + 1)]` int ragged: row j is `resize_starts` of image j's
+        `source_rows` (see `compute_targets_from_runs`), its last value the resized height;
+        `col_starts` `[J, (W0 + 1)]` likewise. The resize in the form the rectangles need:
+        source rows `[r0, r1)` become resized rows `[row_starts[j, r0], row_starts[j, r1])`.
       flip: `[J]` bool.
       padded_height, padded_width: int scalars, the same pad for every image.
       grids, scale_ranges, sigma, check_geometry: as `compute_targets_from_runs`.
@@ -633,26 +713,37 @@ def compute_targets_from_runs_batch(
     Returns:
       dict with `cell_class`, `cell_instance` `[J, sum(S^2)]` int32 (row j is image
       j's; `cell_instance` counts image j's instances from 0), `instance_num_cells`,
-      `instance_area` `[N]` int32, `source_area` `[N]` int64, `instance_splits` `[J + 1]` int32,
+      `instance_area` `[N]` int32, `source_area` `[N]` int64, `instance_splits` `[J + 1]` int32
+      (image j's instances are `[instance_splits[j], instance_splits[j + 1])`),
       and the packed masks as `packed_masks` `[J, (bytes)]` uint8 ragged with `packed_shape`
       `[J, 3]` int32: row j reshaped to `packed_shape[j]` is image j's `[N_j, ceil(h_j / 4),
       ceil(w_j / 32)]` packed masks. `targets_of_image(result, j)` is
       `compute_targets_from_runs` of image j alone, bit for bit (tested): images share the graph
-      call and nothing else.
+      call and their source's rectangles, nothing else.
     """
     boxes = tf.convert_to_tensor(boxes, tf.float32)
     classes = tf.cast(classes, tf.int32)
     is_crowd = tf.cast(is_crowd, tf.bool)
-    instance_splits = tf.cast(instance_splits, tf.int32)
+    mask_splits = tf.cast(mask_splits, tf.int32)
     source_height = tf.cast(source_height, tf.int64)
     source_width = tf.cast(source_width, tf.int64)
+    source_image = tf.cast(source_image, tf.int32)
     flip = tf.cast(flip, tf.bool)
     padded_height = tf.cast(padded_height, tf.int32)
     padded_width = tf.cast(padded_width, tf.int32)
-    num_instances = runs.nrows(out_type=tf.int32)
-    instance_image = _row_ids(instance_splits, num_instances)  # [N]
-    new_height = tf.cast(source_rows.row_lengths(), tf.int32)  # [J]
-    new_width = tf.cast(source_cols.row_lengths(), tf.int32)
+    # The images' instances, image by image, and the mask (row of `runs`) of each.
+    by_image = tf.ragged.range(
+        tf.gather(mask_splits, source_image), tf.gather(mask_splits, source_image + 1)
+    )
+    instance_mask = by_image.flat_values  # [N]
+    instance_splits = tf.cast(by_image.row_splits, tf.int32)  # [J + 1]
+    num_instances = tf.size(instance_mask)
+    instance_image = _row_ids(by_image.row_splits, num_instances)  # [N]
+    num_masks = runs.nrows(out_type=tf.int32)
+    # Resized size: the last start of each row.
+    new_height = tf.gather(row_starts.flat_values, row_starts.row_splits[1:] - 1)  # [J]
+    new_width = tf.gather(col_starts.flat_values, col_starts.row_splits[1:] - 1)
+    new_height, new_width = tf.cast(new_height, tf.int32), tf.cast(new_width, tf.int32)
     # Only the resized image can be nonzero at 1/4 scale: rows [0, ceil(h / 4)), columns
     # [0, ceil(w / 4)), rounded up to whole bytes of 8 columns (w <= padded_width, a multiple of 32).
     out_height = (new_height + MASK_STRIDE - 1) // MASK_STRIDE  # [J]
@@ -660,8 +751,10 @@ def compute_targets_from_runs_batch(
     instance_out_height = tf.gather(out_height, instance_image)  # [N]
     instance_out_width = tf.gather(out_width, instance_image)
 
-    rectangles, run_totals, source_area = _run_rectangles(
-        runs, tf.gather(source_height, instance_image)
+    # Rectangles of each mask, once per source image whatever its number of images.
+    mask_source = _row_ids(mask_splits, num_masks)  # [N0]
+    mask_rectangles, run_totals, mask_area = _run_rectangles(
+        runs, tf.gather(source_height, mask_source)
     )
     num_pixels = tf.reduce_sum(
         tf.cast(instance_out_height, tf.int64) * tf.cast(instance_out_width, tf.int64)
@@ -672,8 +765,18 @@ def compute_targets_from_runs_batch(
             ["padded size must be a multiple of 32:", padded_height, padded_width],
         ),
         tf.debugging.Assert(
+            tf.equal(mask_splits[-1], num_masks)
+            & tf.equal(tf.shape(classes)[0], num_instances)
+            & tf.equal(tf.shape(boxes)[0], num_instances)
+            & tf.equal(tf.shape(is_crowd)[0], num_instances),
+            [
+                "mask_splits must end at the number of masks, and the images' instance count",
+                "must be that of boxes, classes and is_crowd",
+            ],
+        ),
+        tf.debugging.Assert(
             tf.reduce_all(
-                tf.equal(run_totals, tf.gather(source_height * source_width, instance_image))
+                tf.equal(run_totals, tf.gather(source_height * source_width, mask_source))
             ),
             ["runs must cover the source masks exactly"],
         ),
@@ -684,22 +787,31 @@ def compute_targets_from_runs_batch(
     if check_geometry:
         checks.append(
             tf.debugging.Assert(
-                tf.reduce_all(new_height <= padded_height)
-                & tf.reduce_all(new_width <= padded_width)
-                & _monotonic_within(source_rows, source_height)
-                & _monotonic_within(source_cols, source_width),
-                ["source_rows / source_cols must be non-decreasing source indices within the pad"],
+                _valid_starts(row_starts, tf.gather(source_height, source_image), padded_height)
+                & _valid_starts(col_starts, tf.gather(source_width, source_image), padded_width),
+                ["row_starts / col_starts must be non-decreasing from 0 to within the pad"],
             )
         )
-    instance, row0, row1, col0, col1 = rectangles
+    # Each image instance gets its mask's rectangles (they come mask by mask).
+    rectangle_splits = tf.searchsorted(
+        tf.cast(mask_rectangles[0], tf.int32), tf.range(num_masks + 1), out_type=tf.int64
+    )  # [N0 + 1]
+    by_instance = tf.ragged.range(
+        tf.gather(rectangle_splits, instance_mask), tf.gather(rectangle_splits, instance_mask + 1)
+    )
+    rectangle = by_instance.flat_values  # [R]: a rectangle of each image instance
+    instance = _row_ids(by_instance.row_splits, tf.size(rectangle, out_type=tf.int64))
+    row0, row1, col0, col1 = (tf.gather(v, rectangle) for v in mask_rectangles[1:])
     image = tf.gather(tf.cast(instance_image, tf.int64), instance)  # [R]
 
-    # Resized rows from source rows [r0, r1) are [below(r0), below(r1)), below(r) counting the
-    # resized rows whose source row is < r (the index map is non-decreasing). Same for columns.
-    # Everything below depends on these, so nothing runs past a failed check.
+    # Resized rows from source rows [r0, r1) are [row_starts[r0], row_starts[r1]), same for
+    # columns. Everything below depends on these, so nothing runs past a failed check.
     with tf.control_dependencies(checks):
-        y0, y1 = _resized_bounds(source_rows, source_height, image, row0, row1)
-        x0, x1 = _resized_bounds(source_cols, source_width, image, col0, col1)
+        row_offset = tf.gather(tf.cast(row_starts.row_splits, tf.int64), image)
+        col_offset = tf.gather(tf.cast(col_starts.row_splits, tf.int64), image)
+    y0, y1 = (tf.gather(row_starts.flat_values, row_offset + bound) for bound in (row0, row1))
+    x0, x1 = (tf.gather(col_starts.flat_values, col_offset + bound) for bound in (col0, col1))
+    y0, y1, x0, x1 = (tf.cast(bound, tf.int64) for bound in (y0, y1, x0, x1))
     mirrored = tf.gather(flip, image)
     width = tf.gather(tf.cast(new_width, tf.int64), image)
     x0, x1 = (tf.where(mirrored, width - x1, x0), tf.where(mirrored, width - x0, x1))
@@ -729,7 +841,7 @@ def compute_targets_from_runs_batch(
         packed, tf.reduce_prod(packed_shape, axis=1), validate=False
     )
     targets["packed_shape"] = packed_shape
-    targets["source_area"] = source_area
+    targets["source_area"] = tf.gather(mask_area, instance_mask)
     targets["instance_splits"] = instance_splits
     return targets
 
@@ -757,6 +869,7 @@ __all__ = [
     "downsample_masks",
     "level_offsets",
     "num_cells",
+    "resize_starts",
     "target_shapes",
     "targets_of_image",
     "unpack_masks",

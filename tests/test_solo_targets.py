@@ -498,6 +498,8 @@ def test_serialize_tensor_is_tf_serialize_tensor():
         np.zeros((0, 200, 42), np.uint8),
         np.zeros((3, 0, 5), np.uint8),
         rng.integers(0, 256, (4, 9, 6)).astype(np.uint8)[:, ::2, 1:4],  # not contiguous
+        rng.integers(0, 256, (20, 200, 42)).astype(np.uint8),  # a 3-byte length
+        np.ones((3, 1000, 1000), np.uint8),  # a 4-byte length
     ):
         assert _serialize_tensor(array) == tf.io.serialize_tensor(array).numpy()
 
@@ -554,6 +556,46 @@ def test_batched_targets_equal_single_image_targets():
             _tensor(with_targets, features.SOLO_CELL_CLASS, 0, tf.int32), -1
         )
         assert sum(counts["positive_instances"] for _, counts in alone) > 10
+
+
+def test_variants_of_an_image_equal_each_variant_alone():
+    """K variants in one call (they share the example's parsing and rectangles) give each
+    variant the bytes it gets alone: images of different sizes, up- and downscaled, one
+    without instances, one with crowd instances only, one a single row high."""
+    rng = np.random.default_rng(12)
+    crowd_only = _random_example(rng, 240, 180, 4)
+    crowd_only.features.feature[features.OBJECT_IS_CROWD].int64_list.value[:] = [1] * 4
+    examples = [_random_example(rng, h, w, n) for h, w, n in ((37, 53, 6), (300, 41, 4))]
+    examples += [_example_without_instances(333, 500), crowd_only]
+    examples += [_random_example(rng, h, w, n) for h, w, n in ((97, 131, 9), (1, 500, 3))]
+    records = [example.SerializeToString() for example in examples]
+    variants = ((256, False), (256, True), (224, False), (288, True))
+    maker = TargetMaker(target_spec_for("demo_cpu", "train"))
+    together = maker.add_targets_to_records(records, variants)
+    alone = [maker.add_targets_to_records(records, (variant,)) for variant in variants]
+    keys = (
+        features.SOLO_VARIANT_SHORT_SIDE,
+        features.SOLO_VARIANT_FLIP,
+        features.SOLO_VARIANT_RESIZED_HEIGHT,
+        features.SOLO_VARIANT_RESIZED_WIDTH,
+        features.SOLO_CELL_CLASS,
+        features.SOLO_CELL_INSTANCE,
+        features.SOLO_INSTANCE_MASKS,
+    )
+    positives = 0
+    for i, (record, counts) in enumerate(together):
+        assert counts == alone[0][i][1]  # the counts are the first variant's
+        f = tf.train.Example.FromString(record).features.feature
+        for k in range(len(variants)):
+            variant = tf.train.Example.FromString(alone[k][i][0])
+            for key in keys:
+                (values,) = f[key].ListFields()  # (descriptor, its values): one list per feature
+                (value,) = variant.features.feature[key].ListFields()
+                assert len(values[1].value) == len(variants) and len(value[1].value) == 1, key
+                assert values[1].value[k] == value[1].value[0], (i, k, key)
+            cell_instance = _tensor(variant, features.SOLO_CELL_INSTANCE, 0, tf.int32)
+            positives += int((cell_instance >= 0).sum())
+    assert positives > 0
 
 
 def _random_example(rng: np.random.Generator, height: int, width: int, n: int):

@@ -28,6 +28,7 @@ from models.targets import (
     downsample_masks,
     level_offsets,
     num_cells,
+    resize_starts,
     target_shapes,
     targets_of_image,
     unpack_masks,
@@ -488,59 +489,103 @@ def test_from_runs_equals_compute_targets_on_the_resized_masks(source, resized, 
         np.testing.assert_array_equal(actual["instance_area"], expected["instance_area"])
 
 
+def test_resize_starts_inverts_the_index_map():
+    """Source index r becomes resized indices [starts[r], starts[r + 1]): repeating each source
+    index that many times gives the index map back, skipped indices included."""
+    np.testing.assert_array_equal(resize_starts([0, 0, 1, 3, 3], 5), [0, 2, 3, 3, 5, 5])
+    rng = np.random.default_rng(8)
+    for size, new_size in [(97, 160), (333, 96), (1, 21), (64, 64)]:
+        index = random_index_map(rng, size, new_size)
+        starts = resize_starts(index, size).numpy()
+        assert starts.shape == (size + 1,) and starts[0] == 0 and starts[-1] == new_size
+        np.testing.assert_array_equal(np.repeat(np.arange(size), np.diff(starts)), index)
+
+
 def test_batch_equals_each_image_alone():
-    """`compute_targets_from_runs_batch` on images of different sizes, resize maps and flips,
-    with an image without instances and one with crowd instances only, gives each image what
-    `compute_targets_from_runs` gives it alone, bit for bit (graph mode, as SoloTargetGen)."""
+    """`compute_targets_from_runs_batch` on images made from source images of different sizes
+    (one without instances, one with crowd instances only), several images per source image
+    (as SoloTargetGen's variants) with their own resize maps and flips, in any order, gives each
+    image what `compute_targets_from_runs` gives it alone, bit for bit (graph mode, as
+    SoloTargetGen)."""
     rng = np.random.default_rng(21)
-    images = []
-    for source, resized, n, flip in [
-        ((97, 131), (160, 217), 9, False),
-        ((480, 640), (800, 1067), 14, True),
-        ((333, 500), (200, 300), 0, False),  # no instances
-        ((64, 48), (64, 48), 5, True),
-        ((1, 300), (21, 37), 0, True),  # special masks only
-        ((240, 180), (300, 225), 4, False),  # crowd instances only
+    sources = []  # (boxes, classes, masks, is_crowd) at the source size
+    for (height, width), n in [
+        ((97, 131), 9),
+        ((480, 640), 14),
+        ((333, 500), 0),  # no instances
+        ((64, 48), 5),
+        ((1, 300), 0),  # special masks only
+        ((240, 180), 4),  # crowd instances only
     ]:
-        boxes, classes, masks, is_crowd = random_instances(rng, *source, n)
-        if source == (1, 300):
-            masks = special_masks(*source)
-            boxes = np.tile(np.float32([[0, 0, *source]]), (len(masks), 1))
+        boxes, classes, masks, is_crowd = random_instances(rng, height, width, n)
+        if height == 1:
+            masks = special_masks(height, width)
+            boxes = np.tile(np.float32([[0, 0, height, width]]), (len(masks), 1))
             classes, is_crowd = np.arange(len(masks), dtype=np.int32), np.zeros(len(masks), bool)
-        if source == (240, 180):
+        if height == 240:
             is_crowd[:] = True
-        rows = random_index_map(rng, source[0], resized[0])
-        cols = random_index_map(rng, source[1], resized[1])
-        images.append((boxes, classes, masks, is_crowd, rows, cols, flip))
+        sources.append((boxes.reshape(-1, 4), classes, masks, is_crowd))
+    images = []  # (source, rows, cols, flip)
+    for source, resized, flip in [
+        (1, (800, 1067), True),
+        (0, (160, 217), False),
+        (1, (800, 1067), False),
+        (2, (200, 300), False),
+        (3, (64, 48), True),
+        (1, (640, 853), True),
+        (4, (21, 37), True),
+        (0, (60, 81), True),
+        (5, (300, 225), False),
+        (3, (96, 72), False),
+    ]:
+        height, width = sources[source][2].shape[1:]
+        rows = random_index_map(rng, height, resized[0])
+        cols = random_index_map(rng, width, resized[1])
+        images.append((source, rows, cols, flip))
     padded = (1344, 1344)
 
-    def batch_fn(source_rows):
+    def image_boxes(source, cols, flip):  # any boxes do: the source's, mirrored with the flip
+        boxes = sources[source][0].copy()
+        if flip:
+            boxes[:, [1, 3]] = len(cols) - boxes[:, [3, 1]]
+        return boxes
+
+    def starts(index, size):
+        return np.searchsorted(index, np.arange(size + 1)).astype(np.int32)
+
+    def batch_fn(row_starts):
         return tf.function(compute_targets_from_runs_batch)(
-            np.concatenate([image[0] for image in images]).reshape(-1, 4),
-            np.concatenate([image[1] for image in images]),
-            tf.concat([mask_runs(image[2]) for image in images], axis=0),
-            np.concatenate([image[3] for image in images]),
-            instance_splits=np.cumsum([0] + [len(image[1]) for image in images]),
-            source_height=[image[2].shape[1] for image in images],
-            source_width=[image[2].shape[2] for image in images],
-            source_rows=tf.ragged.constant(source_rows),
-            source_cols=tf.ragged.constant([image[5] for image in images]),
-            flip=[image[6] for image in images],
+            np.concatenate([image_boxes(s, cols, flip) for s, _, cols, flip in images]),
+            np.concatenate([sources[s][1] for s, *_ in images]),
+            tf.concat([mask_runs(masks) for _, _, masks, _ in sources], axis=0),
+            np.concatenate([sources[s][3] for s, *_ in images]),
+            mask_splits=np.cumsum([0] + [len(classes) for _, classes, *_ in sources]),
+            source_height=[masks.shape[1] for _, _, masks, _ in sources],
+            source_width=[masks.shape[2] for _, _, masks, _ in sources],
+            source_image=[s for s, *_ in images],
+            row_starts=tf.ragged.constant(row_starts),
+            col_starts=tf.ragged.constant(
+                [starts(cols, sources[s][2].shape[2]) for s, _, cols, _ in images]
+            ),
+            flip=[flip for *_, flip in images],
             padded_height=padded[0],
             padded_width=padded[1],
         )
 
-    rows = [image[4] for image in images]
-    # The geometry is checked image by image (a map may restart lower in the next image).
+    rows = [starts(image_rows, sources[s][2].shape[1]) for s, image_rows, _, _ in images]
+    # The geometry is checked image by image (the starts restart from 0 in the next image).
     with pytest.raises(tf.errors.InvalidArgumentError, match="non-decreasing"):
         batch_fn(rows[:1] + [rows[1][::-1]] + rows[2:])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="non-decreasing"):
+        batch_fn(rows[:1] + [rows[1][1:]] + rows[2:])  # one start short
     batch = batch_fn(rows)
     assert batch["cell_class"].shape == (len(images), NUM_CELLS)
     positives = 0
-    for j, (boxes, classes, masks, is_crowd, image_rows, image_cols, flip) in enumerate(images):
+    for j, (source, image_rows, image_cols, flip) in enumerate(images):
+        _, classes, masks, is_crowd = sources[source]
         alone = _from_runs_graph(
-            *(boxes.reshape(-1, 4), classes, mask_runs(masks), is_crowd, masks.shape[1:]),
-            *(image_rows, image_cols, flip, padded),
+            *(image_boxes(source, image_cols, flip), classes, mask_runs(masks), is_crowd),
+            *(masks.shape[1:], image_rows, image_cols, flip, padded),
         )
         batched = targets_of_image(batch, j)
         assert sorted(batched) == sorted(alone)
