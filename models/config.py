@@ -10,6 +10,7 @@ and kernel channels to be divisible by it. We do not fall back to `min(32, chann
 """
 
 import dataclasses
+from collections.abc import Mapping
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 NUM_LEVELS = 5
@@ -385,3 +386,45 @@ def get_experiment(name: str) -> ExperimentConfig:
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}")
     return EXPERIMENTS[name]().validate()
+
+
+# The fields that SOLO targets depend on (SoloTargetGen materialises them ahead of training): an
+# override of any of them must reach SoloTargetGen too, and no other override should, so that
+# changing a training-only setting keeps the targets cached.
+TARGET_FIELDS = {
+    "model": ("grids", "strides", "scale_ranges", "sigma", "image_short_side", "image_max_size"),
+    "train": ("train_short_sides", "train_max_size", "flip_prob"),
+}
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Mapping | None) -> ExperimentConfig:
+    """`config` with `overrides` `{"model": {...}, "train": {...}}` applied, validated.
+
+    JSON lists become tuples (e.g. `train_short_sides`, `scale_ranges`). Unknown sections or
+    fields raise (dataclasses.replace names the field).
+    """
+    overrides = overrides or {}
+    unknown = set(overrides) - {"model", "train"}
+    if unknown:
+        raise ValueError(f"overrides keys must be 'model' and/or 'train', got {sorted(unknown)}")
+    model = dataclasses.replace(config.model, **_tuples(overrides.get("model", {})))
+    train = dataclasses.replace(config.train, **_tuples(overrides.get("train", {})))
+    return ExperimentConfig(model, train).validate()
+
+
+def select_target_overrides(overrides: Mapping | None) -> dict:
+    """The part of `overrides` that changes SOLO targets (`TARGET_FIELDS`); sections kept only
+    when non-empty, so no target override gives `{}`."""
+    selected = {}
+    for section, fields in TARGET_FIELDS.items():
+        values = {k: v for k, v in (overrides or {}).get(section, {}).items() if k in fields}
+        if values:
+            selected[section] = values
+    return selected
+
+
+def _tuples(values: Mapping) -> dict:
+    def convert(value):
+        return tuple(convert(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    return {key: convert(value) for key, value in values.items()}

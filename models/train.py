@@ -39,9 +39,15 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
-from components.solo_targets.transform import decode_training_example
+from components.solo_targets.transform import TargetSpec, decode_training_example
 from models import export, preprocess
-from models.config import ExperimentConfig, TrainConfig, get_experiment
+from models.config import (
+    TARGET_FIELDS,
+    ExperimentConfig,
+    TrainConfig,
+    apply_overrides,
+    get_experiment,
+)
 from models.losses import DEFAULT_MAX_POSITIVES, global_positive_counts, solov2_loss
 from models.schedule import schedule_from_config
 from models.solov2 import build_model
@@ -614,26 +620,11 @@ def _format(metrics: Mapping[str, float]) -> str:
 
 
 def experiment_from_custom_config(custom_config: Mapping | None) -> ExperimentConfig:
-    """`experiment` (name, default "demo_cpu") with `overrides` {"model": {...}, "train": {...}}.
-
-    JSON lists become tuples (e.g. `train_short_sides`, `scale_ranges`).
-    """
+    """`experiment` (name, default "demo_cpu") with `overrides` {"model": {...}, "train": {...}}
+    (`models.config.apply_overrides`)."""
     custom_config = custom_config or {}
     config = get_experiment(custom_config.get("experiment", "demo_cpu"))
-    overrides = custom_config.get("overrides") or {}
-    unknown = set(overrides) - {"model", "train"}
-    if unknown:
-        raise ValueError(f"overrides keys must be 'model' and/or 'train', got {sorted(unknown)}")
-    model = dataclasses.replace(config.model, **_tuples(overrides.get("model", {})))
-    train_config = dataclasses.replace(config.train, **_tuples(overrides.get("train", {})))
-    return ExperimentConfig(model, train_config).validate()
-
-
-def _tuples(values: Mapping) -> dict:
-    def convert(value):
-        return tuple(convert(v) for v in value) if isinstance(value, list) else value
-
-    return {key: convert(value) for key, value in values.items()}
+    return apply_overrides(config, custom_config.get("overrides"))
 
 
 def examples_dir_of(file_pattern: str) -> str:
@@ -656,6 +647,28 @@ def steps_from_epochs(examples_dir: str, train_config: TrainConfig) -> int:
     if not images:
         raise ValueError("train_steps not set and no train image count in the targets report")
     return math.ceil(train_config.epochs * images / train_config.batch_size)
+
+
+def check_targets_match(examples_dir: str, config: ExperimentConfig, split: str = "train") -> None:
+    """Raises ValueError when SoloTargetGen made `split`'s targets for another geometry.
+
+    The targets report records each split's `TargetSpec` (grids, scale ranges, sigma, pad,
+    variants); training on targets of other grids or scale ranges would not fail, it would
+    learn the wrong assignment. Reports written before the spec was recorded are not checked.
+    """
+    report = read_json(os.path.join(examples_dir, features.SOLO_TARGETS_REPORT_FILENAME))
+    made = (report or {}).get("splits", {}).get(split, {}).get("spec")
+    if made is None:
+        return
+    wanted = TargetSpec.from_config(config, split).to_json()
+    differences = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
+    if differences:
+        details = "; ".join(f"{k}: targets {a}, Trainer {b}" for k, (a, b) in differences.items())
+        raise ValueError(
+            f"the {split} targets were made for another geometry than the Trainer's config "
+            f"({details}). Target overrides ({TARGET_FIELDS}) must reach SoloTargetGen too: "
+            "pipeline.create_pipeline passes them from TrainingSpec.custom_config['overrides']."
+        )
 
 
 def keyed_checkpoint_dir(custom_config: Mapping, fn_args) -> str | None:
@@ -695,6 +708,7 @@ def run_fn(fn_args) -> dict:
         config = dataclasses.replace(
             config, model=dataclasses.replace(config.model, num_classes=num_classes)
         ).validate()
+    check_targets_match(examples_dir, config)
     total_steps = fn_args.train_steps or steps_from_epochs(examples_dir, config.train)
     return train(
         config,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from components.coco_example_gen.component import CocoExampleGen
 from components.mask_evaluator.component import MaskEvaluator
 from components.run_report.component import RunReport
 from components.solo_targets.component import SoloTargetGen
+from models.config import select_target_overrides
 from pipeline import configs
 from schemas import features
 
@@ -140,6 +142,10 @@ def create_pipeline(
         examples=example_gen.outputs["examples"],
         experiment=experiment,
         target_format=features.SOLO_TARGET_FORMAT_VERSION,  # explicit: part of the cache key
+        # Only the overrides that change targets: a training-only change keeps them cached.
+        target_overrides=json.dumps(
+            select_target_overrides(training.custom_config.get("overrides")), sort_keys=True
+        ),
     )
 
     custom_config = {

@@ -215,3 +215,42 @@ def test_experiment_validate_checks_ranges_cover_the_image():
     )
     with pytest.raises(ValueError, match="assigned to no level"):
         too_big.validate()
+
+
+def test_apply_overrides_turns_json_lists_into_tuples():
+    base = cfg.get_experiment("demo_cpu")
+    changed = cfg.apply_overrides(
+        base,
+        {
+            "model": {"scale_ranges": [[1, 32], [16, 64], [32, 128], [64, 256], [128, 600]]},
+            "train": {"train_short_sides": [224, 256]},
+        },
+    )
+    assert changed.model.scale_ranges[-1] == (128, 600)
+    assert changed.train.train_short_sides == (224, 256)
+    assert cfg.apply_overrides(base, None) == base
+    with pytest.raises(ValueError, match="overrides keys"):
+        cfg.apply_overrides(base, {"optimizer": {}})
+    with pytest.raises(TypeError, match="not_a_field"):
+        cfg.apply_overrides(base, {"model": {"not_a_field": 1}})
+    with pytest.raises(ValueError, match="train_short_sides"):
+        cfg.apply_overrides(base, {"train": {"train_short_sides": [400]}})
+
+
+def test_target_fields_are_config_fields():
+    for section, config_class in (("model", cfg.ModelConfig), ("train", cfg.TrainConfig)):
+        names = {field.name for field in dataclasses.fields(config_class)}
+        assert set(cfg.TARGET_FIELDS[section]) <= names
+
+
+def test_select_target_overrides_keeps_only_what_shapes_targets():
+    overrides = {
+        "model": {"sigma": 0.3, "fpn_channels": 32},
+        "train": {"base_lr": 0.1, "train_short_sides": [224]},
+    }
+    assert cfg.select_target_overrides(overrides) == {
+        "model": {"sigma": 0.3},
+        "train": {"train_short_sides": [224]},
+    }
+    assert cfg.select_target_overrides({"train": {"base_lr": 0.1}}) == {}
+    assert cfg.select_target_overrides(None) == {}

@@ -10,7 +10,7 @@ in both directions and partial re-execution:
   C: the same again                            -> every component cached
   D: blessing threshold 0.99                   -> only MaskEvaluator, Pusher and RunReport
      re-run; no push, and still a report
-  E: one more training step (threshold 0.99)   -> Trainer and downstream re-run, upstream cached
+  E: one more step, base_lr 0.005 (thr. 0.99)  -> Trainer and downstream re-run, upstream cached
 """
 
 from __future__ import annotations
@@ -63,8 +63,15 @@ TINY = {
 }
 
 
-def _training(steps: int, min_mask_ap: float) -> TrainingSpec:
-    return TrainingSpec(train_steps=steps, custom_config=TINY, min_mask_ap=min_mask_ap)
+def _training(steps: int, min_mask_ap: float, **train_overrides) -> TrainingSpec:
+    custom_config = {
+        **TINY,
+        "overrides": {
+            **TINY["overrides"],
+            "train": {**TINY["overrides"]["train"], **train_overrides},
+        },
+    }
+    return TrainingSpec(train_steps=steps, custom_config=custom_config, min_mask_ap=min_mask_ap)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +87,8 @@ def e2e(tmp_path_factory):
     }
     versions_before = sorted(os.listdir(os.path.join(out, "serving", "solov2")))
     runs["D"] = run_local(data_dir, out, training=_training(2, 0.99))
-    runs["E"] = run_local(data_dir, out, training=_training(3, 0.99))
+    # A recipe override too: it reaches the Trainer only (SoloTargetGen stays cached).
+    runs["E"] = run_local(data_dir, out, training=_training(3, 0.99, base_lr=0.005))
     runs["versions_before_D"] = versions_before
     return out, runs
 

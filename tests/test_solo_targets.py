@@ -29,6 +29,7 @@ from components.solo_targets.transform import (
     rle_runs,
 )
 from models import preprocess
+from models.config import apply_overrides, get_experiment
 from models.targets import compute_targets, unpack_masks
 from pipeline.demo_data import generate_demo_dataset
 from schemas import features
@@ -124,6 +125,54 @@ def test_component_output_and_report_equal_the_single_image_path(demo_examples, 
         assert {key: report["splits"][split][key] for key in COUNT_NAMES} == {
             key: totals[key] for key in COUNT_NAMES
         }
+
+
+def test_target_overrides_change_the_variants_and_are_recorded(demo_examples, tmp_path):
+    """A geometry override reaches the targets (and the report records the spec the Trainer
+    checks); without it the Trainer would get targets for the named config's geometry."""
+    overrides = {"train": {"train_short_sides": [224, 256], "flip_prob": 0.0}}
+    out = standard_artifacts.Examples()
+    out.uri = str(tmp_path)
+    SoloTargetGen.test_call(
+        examples=demo_examples,
+        targets=out,
+        experiment="demo_cpu",
+        target_overrides=json.dumps(overrides),
+        beam_pipeline=beam.Pipeline(),
+    )
+    config = apply_overrides(get_experiment("demo_cpu"), overrides)
+    with open(os.path.join(out.uri, features.SOLO_TARGETS_REPORT_FILENAME)) as f:
+        report = json.load(f)
+    assert report["target_overrides"] == overrides
+    for split, expected_variants in (("train", [(224, 0), (256, 0)]), ("eval", [(256, 0)])):
+        assert report["splits"][split]["spec"] == TargetSpec.from_config(config, split).to_json()
+        for example in read_examples(out.uri, split):
+            f = example.features.feature
+            variants = list(
+                zip(
+                    f[features.SOLO_VARIANT_SHORT_SIDE].int64_list.value,
+                    f[features.SOLO_VARIANT_FLIP].int64_list.value,
+                )
+            )
+            assert variants == expected_variants
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"train": {"base_lr": 0.1}}, {"model": {"fpn_channels": 32}}, {"eval": {}}]
+)
+def test_target_overrides_refuse_settings_that_do_not_shape_targets(
+    demo_examples, tmp_path, overrides
+):
+    out = standard_artifacts.Examples()
+    out.uri = str(tmp_path)
+    with pytest.raises(ValueError, match="target_overrides may only set"):
+        SoloTargetGen.test_call(
+            examples=demo_examples,
+            targets=out,
+            experiment="demo_cpu",
+            target_overrides=json.dumps(overrides),
+            beam_pipeline=beam.Pipeline(),
+        )
 
 
 def test_report_counts_every_instance(target_artifact):

@@ -23,8 +23,9 @@ import pytest
 import tensorflow as tf
 from tfx.components.trainer.fn_args_utils import FnArgs
 
-from components.solo_targets.transform import decode_rle_masks
+from components.solo_targets.transform import TargetSpec, decode_rle_masks
 from models import train as train_lib
+from models.config import apply_overrides
 from models.postprocess import paste_masks
 from models.schedule import WarmupDecaySchedule, epoch_boundaries, schedule_from_config
 from schemas import features
@@ -165,6 +166,32 @@ def test_custom_config_overrides_round_trip():
     assert train_lib.experiment_from_custom_config(None) == train_lib.get_experiment("demo_cpu")
     with pytest.raises(ValueError, match="overrides keys"):
         train_lib.experiment_from_custom_config({"overrides": {"optimizer": {}}})
+
+
+def test_trainer_refuses_targets_made_for_another_geometry(tmp_path):
+    config = train_lib.get_experiment("demo_cpu")
+    report_path = tmp_path / features.SOLO_TARGETS_REPORT_FILENAME
+    report_path.write_text(json.dumps({"splits": {"train": {"images": 4}}}))
+    train_lib.check_targets_match(str(tmp_path), config)  # No spec recorded: not checked.
+    spec = TargetSpec.from_config(config, "train").to_json()
+    report_path.write_text(json.dumps({"splits": {"train": {"images": 4, "spec": spec}}}))
+    train_lib.check_targets_match(str(tmp_path), config)
+    with pytest.raises(ValueError, match="sigma: targets 0.2, Trainer 0.3"):
+        train_lib.check_targets_match(
+            str(tmp_path), apply_overrides(config, {"model": {"sigma": 0.3}})
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"variants: targets \[\[256, False\], \[256, True\]\], Trainer \[\[224, False\]",
+    ):
+        train_lib.check_targets_match(
+            str(tmp_path), apply_overrides(config, {"train": {"train_short_sides": [224]}})
+        )
+    # Widths and the recipe do not shape targets.
+    train_lib.check_targets_match(
+        str(tmp_path),
+        apply_overrides(config, {"model": {"fpn_channels": 32}, "train": {"base_lr": 0.1}}),
+    )
 
 
 def test_auto_strategy_on_one_cpu_is_the_default_strategy(monkeypatch):

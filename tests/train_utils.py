@@ -60,14 +60,8 @@ def tiny_config(size: int = 128, norm_eval: bool = False, **train_overrides) -> 
 
 
 def target_spec(config: ExperimentConfig, split: str) -> TargetSpec:
-    """`components.solo_targets.component.target_spec_for`, from a config object, not a name."""
-    model, train = config.model, config.train
-    if split == "train":
-        flips = (False, True) if train.flip_prob > 0 else (False,)
-        variants = tuple((side, flip) for side in train.train_short_sides for flip in flips)
-    else:
-        variants = ((model.image_short_side, False),)
-    return TargetSpec(model.grids, model.scale_ranges, model.sigma, model.image_max_size, variants)
+    """The SoloTargetGen spec of `split` under a config object (`TargetSpec.from_config`)."""
+    return TargetSpec.from_config(config, split)
 
 
 def build_training_examples(

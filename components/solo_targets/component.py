@@ -28,24 +28,22 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils, standard_artifacts
 
 from components.solo_targets.transform import TargetMaker, TargetSpec
-from models.config import get_experiment
+from models.config import (
+    TARGET_FIELDS,
+    ExperimentConfig,
+    apply_overrides,
+    get_experiment,
+    select_target_overrides,
+)
 from schemas import features
 
 
-def target_spec_for(experiment: str, split: str, train_split: str = "train") -> TargetSpec:
-    """The variants a split gets under a named experiment config."""
-    config = get_experiment(experiment)
-    model, train = config.model, config.train
-    if split == train_split:
-        flips = (False, True) if train.flip_prob > 0 else (False,)
-        variants = tuple((side, flip) for side in train.train_short_sides for flip in flips)
-        max_size = train.train_max_size
-    else:
-        variants = ((model.image_short_side, False),)
-        max_size = model.image_max_size
-    if max_size != model.image_max_size:
-        raise ValueError("train_max_size and image_max_size must agree (one static pad size)")
-    return TargetSpec(model.grids, model.scale_ranges, model.sigma, max_size, variants)
+def target_spec_for(
+    experiment: str | ExperimentConfig, split: str, train_split: str = "train"
+) -> TargetSpec:
+    """The variants a split gets under an experiment (a name or a config)."""
+    config = get_experiment(experiment) if isinstance(experiment, str) else experiment
+    return TargetSpec.from_config(config, split, train_split)
 
 
 # Examples per target graph call. The graph's fixed cost (some hundreds of small ops, plus the
@@ -83,24 +81,33 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
     experiment: Parameter[str],
     train_split: Parameter[str] = "train",
     target_format: Parameter[int] = features.SOLO_TARGET_FORMAT_VERSION,
+    target_overrides: Parameter[str] = "{}",
     beam_pipeline: BeamComponentParameter[beam.Pipeline] = None,
 ) -> None:
     """Writes `targets` (Examples, same splits) with K SOLO target variants per image.
 
     `target_format` must be `features.SOLO_TARGET_FORMAT_VERSION`, the only format this code
     writes; the pipeline passes it explicitly so that a format change changes the cache key.
+    `target_overrides` is JSON `{"model": {...}, "train": {...}}` applied to the experiment
+    (`models.config.apply_overrides`); only `models.config.TARGET_FIELDS` may appear, the same
+    ones the Trainer gets, so that both see one geometry. The report records each split's
+    `TargetSpec`, which the Trainer checks against its own config.
     """
     if target_format != features.SOLO_TARGET_FORMAT_VERSION:
         raise ValueError(
             f"target_format {target_format} is not this code's target format "
             f"{features.SOLO_TARGET_FORMAT_VERSION} (schemas/features.py)"
         )
+    overrides = json.loads(target_overrides)
+    if select_target_overrides(overrides) != overrides:
+        raise ValueError(f"target_overrides may only set {TARGET_FIELDS}, got {target_overrides}")
+    config = apply_overrides(get_experiment(experiment), overrides)
     splits = artifact_utils.decode_split_names(examples.split_names)
     targets.split_names = artifact_utils.encode_split_names(splits)
     report_dir = os.path.join(targets.uri, "_report")
     with beam_pipeline as pipeline:
         for split in splits:
-            spec = target_spec_for(experiment, split, train_split)
+            spec = TargetSpec.from_config(config, split, train_split)
             results = (
                 pipeline
                 | f"Read[{split}]"
@@ -118,8 +125,14 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
                 | f"Count[{split}]" >> beam.CombineGlobally(_sum_counters)
                 | f"WriteCounts[{split}]"
                 >> beam.Map(
-                    lambda c, s=split, v=spec.variants: _write_json(
-                        {"split": s, "variants": [list(x) for x in v], "images": None, **c},
+                    lambda c, s=split, spec=spec: _write_json(
+                        {
+                            "split": s,
+                            "variants": spec.to_json()["variants"],
+                            "spec": spec.to_json(),
+                            "images": None,
+                            **c,
+                        },
                         os.path.join(report_dir, f"{s}.json"),
                     )
                 )
@@ -133,7 +146,7 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
                 )
             )
 
-    report = {"experiment": experiment, "splits": {}}
+    report = {"experiment": experiment, "target_overrides": overrides, "splits": {}}
     for split in splits:
         with tf.io.gfile.GFile(os.path.join(report_dir, f"{split}.json")) as f:
             split_report = json.load(f)

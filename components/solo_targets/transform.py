@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +39,7 @@ from pycocotools import mask as mask_utils
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
 
 from models import preprocess
+from models.config import ExperimentConfig
 from models.targets import compute_targets_from_runs_batch, resize_starts, unpack_masks
 from schemas import features
 
@@ -55,6 +57,28 @@ class TargetSpec:
     @property
     def pad(self) -> int:
         return preprocess.padded_size(self.max_size)
+
+    @classmethod
+    def from_config(
+        cls, config: ExperimentConfig, split: str, train_split: str = "train"
+    ) -> TargetSpec:
+        """The variants `split` gets under `config`: the training split every training short
+        side x {no flip, flip} (flip only when the recipe flips), other splits the test scale."""
+        model, train = config.model, config.train
+        if split == train_split:
+            flips = (False, True) if train.flip_prob > 0 else (False,)
+            variants = tuple((side, flip) for side in train.train_short_sides for flip in flips)
+            max_size = train.train_max_size
+        else:
+            variants = ((model.image_short_side, False),)
+            max_size = model.image_max_size
+        if max_size != model.image_max_size:
+            raise ValueError("train_max_size and image_max_size must agree (one static pad size)")
+        return cls(model.grids, model.scale_ranges, model.sigma, max_size, variants)
+
+    def to_json(self) -> dict:
+        """Plain JSON values (lists for tuples); what the targets report records per split."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def decode_rle_masks(example: tf.train.Example) -> np.ndarray:
