@@ -310,17 +310,19 @@ def make_dataset(
             example = _keep_instances(example, max_instances)
         return example
 
-    quarter = preprocess.padded_size(max_size) // 4
+    pad = preprocess.padded_size(max_size)
     dataset = dataset.map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None
     )
+    # Static shapes but the instance count (unless `max_instances`): the train step is traced
+    # once for this element spec.
     dataset = dataset.padded_batch(
         batch_size,
         padded_shapes={
-            "images": [None, None, 3],
-            "cell_class": [None],
-            "cell_instance": [None],
-            "instance_masks": [max_instances, quarter, quarter],
+            "images": [pad, pad, 3],
+            "cell_class": [config.model.num_cells],
+            "cell_instance": [config.model.num_cells],
+            "instance_masks": [max_instances, pad // 4, pad // 4],
         },
         drop_remainder=True,
     )
@@ -374,17 +376,32 @@ class SOLOv2Trainer:
             model=self.model, optimizer=self.optimizer, step=self.step
         )
         self._loss_scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        self._step_fn = tf.function(self._distributed_step)
+        # Batches pad instances to the largest count in the batch, so the instance dimension
+        # changes from batch to batch; a plain tf.function would trace the step once per count
+        # (each trace ~10 s for demo_cpu). `distribute` replaces this with one traced for the
+        # dataset's element spec; batches from elsewhere relax to the general shape on retrace.
+        self._step_fn = tf.function(self._distributed_step, reduce_retracing=True)
 
     @property
     def global_batch_size(self) -> int:
         return self.config.train.batch_size
 
     def distribute(self, dataset_fn) -> tf.distribute.DistributedDataset:
-        """`dataset_fn(input_context, per_replica_batch)` -> a distributed dataset."""
-        return self.strategy.distribute_datasets_from_function(
+        """`dataset_fn(input_context, per_replica_batch)` -> a distributed dataset.
+
+        The train step is then traced once, for the dataset's element spec (the instance
+        dimension unknown), however many instances each batch pads to.
+        """
+        dataset = self.strategy.distribute_datasets_from_function(
             lambda ctx: dataset_fn(ctx, ctx.get_per_replica_batch_size(self.global_batch_size))
         )
+        self._step_fn = tf.function(self._distributed_step, input_signature=[dataset.element_spec])
+        return dataset
+
+    @property
+    def traces(self) -> int:
+        """How many times the current train step function has been traced."""
+        return self._step_fn.experimental_get_tracing_count()
 
     def train_step(self, batch) -> dict[str, tf.Tensor]:
         """One optimizer step on a distributed batch; returns global metrics (float32 scalars)."""

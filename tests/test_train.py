@@ -289,6 +289,27 @@ def test_mirrored_two_replicas_match_single_device(examples_dir):
 # Mixed precision
 
 
+def test_train_step_is_traced_once_whatever_the_instance_count(examples_dir):
+    """Batches pad instances to the batch's largest count; the distributed step must not be
+    retraced for each count (each trace of the demo model costs about 10 s)."""
+    config = train_utils.tiny_config(batch_size=1)
+    trainer = train_lib.SOLOv2Trainer(config, 10, max_positives=64)
+    dataset = trainer.distribute(
+        lambda ctx, batch: train_lib.make_dataset(
+            _train_pattern(examples_dir), config, batch, input_context=ctx, seed=0
+        )
+    )
+    iterator = iter(dataset)
+    counts = set()
+    for _ in range(6):
+        batch = next(iterator)
+        counts.add(int(batch["instance_masks"].shape[1]))
+        metrics = trainer.train_step(batch)
+        assert np.isfinite(metrics["total_loss"].numpy())
+    assert len(counts) >= 2, counts  # The demo images hold different numbers of instances.
+    assert trainer.traces == 1
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_step(examples_dir, policy):
     config = train_utils.tiny_config(batch_size=1)  # float16 convolutions are slow on CPU.
