@@ -81,6 +81,17 @@ def _masks(example, k):
     return unpack_masks(packed, quarter, quarter).numpy()
 
 
+def _variants(example) -> list[tuple[int, int]]:
+    """(short side, flip) of each stored target variant."""
+    f = example.features.feature
+    return list(
+        zip(
+            f[features.SOLO_VARIANT_SHORT_SIDE].int64_list.value,
+            f[features.SOLO_VARIANT_FLIP].int64_list.value,
+        )
+    )
+
+
 def test_component_writes_every_split_with_its_variants(demo_examples, target_artifact):
     assert json.loads(target_artifact.split_names) == ["train", "eval"]
     for split, expected_variants in (("train", [(256, 0), (256, 1)]), ("eval", [(256, 0)])):
@@ -88,14 +99,8 @@ def test_component_writes_every_split_with_its_variants(demo_examples, target_ar
         written = read_examples(target_artifact.uri, split)
         assert len(written) == len(originals)
         for example in written:
+            assert _variants(example) == expected_variants
             f = example.features.feature
-            variants = list(
-                zip(
-                    f[features.SOLO_VARIANT_SHORT_SIDE].int64_list.value,
-                    f[features.SOLO_VARIANT_FLIP].int64_list.value,
-                )
-            )
-            assert variants == expected_variants
             assert f[features.SOLO_PADDED_SIZE].int64_list.value == [352]
             # The original features are kept unchanged.
             assert f[features.IMAGE_ENCODED].bytes_list.value
@@ -146,15 +151,7 @@ def test_target_overrides_change_the_variants_and_are_recorded(demo_examples, tm
     assert report["target_overrides"] == overrides
     for split, expected_variants in (("train", [(224, 0), (256, 0)]), ("eval", [(256, 0)])):
         assert report["splits"][split]["spec"] == TargetSpec.from_config(config, split).to_json()
-        for example in read_examples(out.uri, split):
-            f = example.features.feature
-            variants = list(
-                zip(
-                    f[features.SOLO_VARIANT_SHORT_SIDE].int64_list.value,
-                    f[features.SOLO_VARIANT_FLIP].int64_list.value,
-                )
-            )
-            assert variants == expected_variants
+        assert all(_variants(e) == expected_variants for e in read_examples(out.uri, split))
 
 
 @pytest.mark.parametrize(
