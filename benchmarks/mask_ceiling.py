@@ -17,7 +17,7 @@ any recognition error: objects a few pixels wide at the input resolution cannot 
 IoU thresholds through a 4x coarser mask. `pycocotools` `COCOeval(iouType="segm")` on the
 split's own annotation file scores them. Prints one JSON object.
 
-Run: ``python -m benchmarks.mask_ceiling --coco-dir demo_data
+Run: ``python -m benchmarks.mask_ceiling [--coco-dir demo_data]
 [--annotation-file annotations/instances_val.json] [--config demo_cpu]
 [--short-side S --max-size M]`` (defaults: the config's test resize).
 """
@@ -29,6 +29,7 @@ import contextlib
 import io
 import json
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -41,6 +42,7 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 from models import postprocess, preprocess  # noqa: E402
 from models.config import get_experiment  # noqa: E402
 from models.targets import downsample_masks  # noqa: E402
+from pipeline.demo_data import generate_demo_dataset  # noqa: E402
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 ORACLES = ("target", "soft")
@@ -114,7 +116,9 @@ def mask_ceiling(annotation_file: str, short_side: int, max_size: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--coco-dir", default="demo_data")
+    parser.add_argument(
+        "--coco-dir", default=None, help="default: demo_data/, generated (48/16) if absent"
+    )
     parser.add_argument("--annotation-file", default="annotations/instances_val.json")
     parser.add_argument("--config", default="demo_cpu")
     parser.add_argument("--short-side", type=int, default=None)
@@ -123,7 +127,13 @@ def main(argv=None) -> None:
     model = get_experiment(args.config).model
     short_side = args.short_side or model.image_short_side
     max_size = args.max_size or model.image_max_size
-    result = mask_ceiling(os.path.join(args.coco_dir, args.annotation_file), short_side, max_size)
+    coco_dir = args.coco_dir
+    if coco_dir is None:
+        coco_dir = "demo_data"
+        if not os.path.exists(os.path.join(coco_dir, args.annotation_file)):
+            coco_dir = tempfile.mkdtemp(prefix="mask_ceiling_")
+            generate_demo_dataset(coco_dir)
+    result = mask_ceiling(os.path.join(coco_dir, args.annotation_file), short_side, max_size)
     print(
         json.dumps(
             {"config": args.config, "short_side": short_side, "max_size": max_size, **result},
