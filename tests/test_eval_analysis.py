@@ -1,4 +1,5 @@
-"""benchmarks/mask_ceiling.py: oracle AP of stride-4 masks, checked on hand-made cases."""
+"""Evaluation analysis tools on hand-made cases: the mask-resolution ceiling
+(`benchmarks/mask_ceiling.py`) and the class analysis of `scripts/learning_curve.py`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.mask_ceiling import mask_ceiling, oracle_masks
+from scripts.learning_curve import class_analysis
 
 
 def _square(y: int, x: int, size: int, image: int = 64) -> np.ndarray:
@@ -37,7 +39,7 @@ def test_a_two_pixel_object_is_lost_by_the_binary_target():
     assert not pasted["target"].any()
 
 
-def _write_coco(path, masks_by_image, crowd=()):
+def _write_coco(path, masks_by_image, crowd=(), categories=None):
     from pycocotools import mask as mask_utils
 
     images, annotations = [], []
@@ -49,7 +51,7 @@ def _write_coco(path, masks_by_image, crowd=()):
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": 1,
+                    "category_id": categories[len(annotations)] if categories else 1,
                     "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
                     "area": float(mask.sum()),
                     "bbox": [float(v) for v in mask_utils.toBbox(rle)],
@@ -61,7 +63,7 @@ def _write_coco(path, masks_by_image, crowd=()):
             {
                 "images": images,
                 "annotations": annotations,
-                "categories": [{"id": 1, "name": "square"}],
+                "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "other"}],
             }
         )
     )
@@ -87,3 +89,31 @@ def test_crowd_regions_are_not_scored_and_no_instances_gives_minus_one(tmp_path)
     result = mask_ceiling(path, 64, 64)
     assert result["instances"] == 0
     assert result["target"]["AP"] == -1.0 and result["soft"]["AP"] == -1.0
+
+
+def test_class_analysis_separates_wrong_classes_from_wrong_masks(tmp_path):
+    """Exact masks: the one with the wrong class costs AP as is, not class-agnostic or with
+    perfect classes. A detection on no object costs all three."""
+    from pycocotools import mask as mask_utils
+
+    squares = [_square(8, 12, 40), _square(0, 0, 8)]
+    path = _write_coco(tmp_path / "gt.json", [squares], categories=[1, 2])
+
+    def detection(mask, category_id, score):
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode()
+        return {"image_id": 1, "category_id": category_id, "segmentation": rle, "score": score}
+
+    swapped = [detection(squares[0], 1, 0.9), detection(squares[1], 1, 0.8)]  # 2nd: class 2
+    result = class_analysis(path, swapped, None)
+    assert result["class_agnostic"]["AP"] == pytest.approx(1.0)
+    assert result["perfect_classes"]["AP"] == pytest.approx(1.0)
+    # Category 1: one true positive then one false positive (AP 1); category 2: no detection
+    # of its one object (AP 0). Mean over categories: 0.5.
+    assert result["as_is"]["AP"] == pytest.approx(0.5)
+    missed = [detection(squares[0], 1, 0.9), detection(_square(40, 40, 8), 2, 0.8)]
+    result = class_analysis(path, missed, None)
+    assert result["class_agnostic"]["AP50"] == pytest.approx(51 / 101, abs=1e-4)  # 4 decimals
+    assert result["perfect_classes"]["AP"] < 1.0
+    nothing = class_analysis(path, [], None)
+    assert all(stats["AP"] == 0.0 for stats in nothing.values())
