@@ -392,7 +392,7 @@ def get_experiment(name: str) -> ExperimentConfig:
 # override of any of them must reach SoloTargetGen too, and no other override should, so that
 # changing a training-only setting keeps the targets cached.
 TARGET_FIELDS = {
-    "model": ("grids", "strides", "scale_ranges", "sigma", "image_short_side", "image_max_size"),
+    "model": ("grids", "scale_ranges", "sigma", "image_short_side", "image_max_size"),
     "train": ("train_short_sides", "train_max_size", "flip_prob"),
 }
 
