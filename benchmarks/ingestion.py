@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scale in args.scales:
             data_dir = os.path.join(tmp, f"demo_x{scale}")
-            generate_demo_dataset(data_dir, scale=scale)
+            generate_demo_dataset(data_dir, num_train=48, num_val=16, scale=scale)
             for runner, repeat in itertools.product(args.runners, range(args.repeats)):
                 out = os.path.join(tmp, f"out_{scale}_{runner}_{repeat}")
                 result = _in_subprocess("--coco", data_dir, runner, out)

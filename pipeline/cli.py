@@ -3,20 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+from pipeline.demo_data import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 
 
 def _demo_data(args: argparse.Namespace) -> int:
     from pipeline.demo_data import generate_demo_dataset
 
-    marker = os.path.join(args.out_dir, "annotations", "instances_train.json")
-    if args.if_missing and os.path.exists(marker):
+    if args.if_missing and _demo_counts(args.out_dir) == (
+        args.num_train * args.scale,
+        args.num_val * args.scale,
+    ):
         print(f"Demo data already in {args.out_dir}")
         return 0
-    summary = generate_demo_dataset(args.out_dir, seed=args.seed, scale=args.scale)
+    summary = generate_demo_dataset(
+        args.out_dir,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        scale=args.scale,
+    )
     print(f"Wrote the demo dataset to {args.out_dir}: {summary}")
     return 0
+
+
+def _demo_counts(out_dir: str) -> tuple[int, int] | None:
+    """(train, val) image counts of a demo set in `out_dir`, None when there is none."""
+    counts = []
+    for split in ("train", "val"):
+        path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            counts.append(len(json.load(f)["images"]))
+    return tuple(counts)
 
 
 def _show_progress_logs() -> None:
@@ -191,8 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="write the synthetic COCO-format demo dataset")
     demo.add_argument("out_dir")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--num-train", type=int, default=DEFAULT_NUM_TRAIN)
+    demo.add_argument("--num-val", type=int, default=DEFAULT_NUM_VAL)
     demo.add_argument("--scale", type=int, default=1, help="multiply the number of images")
-    demo.add_argument("--if-missing", action="store_true", help="do nothing if it exists")
+    demo.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing if a demo set with these image counts is there already",
+    )
     demo.set_defaults(func=_demo_data)
 
     run = sub.add_parser("run", help="run the local pipeline (LocalDagRunner, SQLite MLMD)")

@@ -60,6 +60,11 @@ _ELLIPSE, _RECTANGLE, _TRIANGLE, _STAR, _BAR = (c["id"] for c in CATEGORIES)
 _BLOB_CATEGORIES = (_ELLIPSE, _RECTANGLE, _TRIANGLE, _STAR)
 
 SPLITS = ("train", "val")
+# The `make run` demo set. 192 training images rather than 48: at the demo recipe's budget
+# 48 images are memorised (AP 0.30 on them, 0.10 on val); 192 images for 864 steps gave val
+# AP 0.133 against 0.089-0.105 (README "Results").
+DEFAULT_NUM_TRAIN = 192
+DEFAULT_NUM_VAL = 16
 
 # Training resolution the scale ranges refer to (the demo config's resize).
 TRAIN_SHORT_SIDE = 256
@@ -86,8 +91,8 @@ _JPEG_QUALITY = 90
 def generate_demo_dataset(
     out_dir: str | os.PathLike,
     *,
-    num_train: int = 48,
-    num_val: int = 16,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
     seed: int = 0,
     scale: int = 1,
 ) -> dict:

@@ -221,3 +221,21 @@ def test_uncompressed_rle_round_trips_masks_that_start_with_foreground():
     assert rle["counts"][0] == 0 and rle["size"] == [5, 7]
     decoded = mask_utils.decode(mask_utils.frPyObjects(rle, 5, 7))
     assert np.array_equal(decoded.astype(bool), mask)
+
+
+def test_cli_if_missing_regenerates_when_the_counts_differ(tmp_path, capsys):
+    """`make run` uses `--if-missing`: a demo set of other image counts (an older default) must
+    not be reused, or the epoch-based recipe would train for fewer steps than it says."""
+    from pipeline import cli
+
+    def train_images():
+        with open(tmp_path / "annotations" / "instances_train.json") as f:
+            return len(json.load(f)["images"])
+
+    args = ["demo-data", str(tmp_path), "--num-train", "2", "--num-val", "1", "--if-missing"]
+    assert cli.main(args) == 0
+    assert train_images() == 2
+    assert cli.main(args) == 0
+    assert "already" in capsys.readouterr().out
+    assert cli.main([*args[:3], "3", *args[4:]]) == 0
+    assert train_images() == 3
