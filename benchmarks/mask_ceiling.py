@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         coco_dir = "demo_data"
         if not os.path.exists(os.path.join(coco_dir, args.annotation_file)):
             coco_dir = tempfile.mkdtemp(prefix="mask_ceiling_")
-            generate_demo_dataset(coco_dir)
+            generate_demo_dataset(coco_dir, num_train=0)  # Only val is scored.
     result = mask_ceiling(os.path.join(coco_dir, args.annotation_file), short_side, max_size)
     print(
         json.dumps(
