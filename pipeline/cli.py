@@ -7,12 +7,10 @@ import json
 import os
 import sys
 
-from pipeline.demo_data import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
+from pipeline.demo_data import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, generate_demo_dataset
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from pipeline.demo_data import generate_demo_dataset
-
     if args.if_missing and _demo_counts(args.out_dir) == (
         args.num_train * args.scale,
         args.num_val * args.scale,

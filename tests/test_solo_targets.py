@@ -132,19 +132,25 @@ def test_component_output_and_report_equal_the_single_image_path(demo_examples, 
         }
 
 
-def test_target_overrides_change_the_variants_and_are_recorded(demo_examples, tmp_path):
-    """A geometry override reaches the targets (and the report records the spec the Trainer
-    checks); without it the Trainer would get targets for the named config's geometry."""
-    overrides = {"train": {"train_short_sides": [224, 256], "flip_prob": 0.0}}
+def _targets_with_overrides(examples, uri: str, overrides: dict):
+    """SoloTargetGen on `examples` under demo_cpu with `target_overrides`; the output artifact."""
     out = standard_artifacts.Examples()
-    out.uri = str(tmp_path)
+    out.uri = uri
     SoloTargetGen.test_call(
-        examples=demo_examples,
+        examples=examples,
         targets=out,
         experiment="demo_cpu",
         target_overrides=json.dumps(overrides),
         beam_pipeline=beam.Pipeline(),
     )
+    return out
+
+
+def test_target_overrides_change_the_variants_and_are_recorded(demo_examples, tmp_path):
+    """A geometry override reaches the targets (and the report records the spec the Trainer
+    checks); without it the Trainer would get targets for the named config's geometry."""
+    overrides = {"train": {"train_short_sides": [224, 256], "flip_prob": 0.0}}
+    out = _targets_with_overrides(demo_examples, str(tmp_path), overrides)
     config = apply_overrides(get_experiment("demo_cpu"), overrides)
     with open(os.path.join(out.uri, features.SOLO_TARGETS_REPORT_FILENAME)) as f:
         report = json.load(f)
@@ -160,16 +166,8 @@ def test_target_overrides_change_the_variants_and_are_recorded(demo_examples, tm
 def test_target_overrides_refuse_settings_that_do_not_shape_targets(
     demo_examples, tmp_path, overrides
 ):
-    out = standard_artifacts.Examples()
-    out.uri = str(tmp_path)
     with pytest.raises(ValueError, match="target_overrides may only set"):
-        SoloTargetGen.test_call(
-            examples=demo_examples,
-            targets=out,
-            experiment="demo_cpu",
-            target_overrides=json.dumps(overrides),
-            beam_pipeline=beam.Pipeline(),
-        )
+        _targets_with_overrides(demo_examples, str(tmp_path), overrides)
 
 
 def test_report_counts_every_instance(target_artifact):
