@@ -59,11 +59,6 @@ def tiny_config(size: int = 128, norm_eval: bool = False, **train_overrides) -> 
     return ExperimentConfig(model, train).validate()
 
 
-def target_spec(config: ExperimentConfig, split: str) -> TargetSpec:
-    """The SoloTargetGen spec of `split` under a config object (`TargetSpec.from_config`)."""
-    return TargetSpec.from_config(config, split)
-
-
 def build_training_examples(
     root: str, config: ExperimentConfig, *, num_train: int = 4, num_val: int = 2, seed: int = 0
 ) -> str:
@@ -84,7 +79,7 @@ def build_training_examples(
     )
     out_dir = os.path.join(root, "targets")
     for split in ("train", "eval"):
-        maker = TargetMaker(target_spec(config, split))
+        maker = TargetMaker(TargetSpec.from_config(config, split))
         split_dir = os.path.join(out_dir, f"Split-{split}")
         os.makedirs(split_dir, exist_ok=True)
         path = os.path.join(split_dir, "data_tfrecord-00000-of-00001.gz")

@@ -30,7 +30,6 @@ from tfx.types import artifact_utils, standard_artifacts
 from components.solo_targets.transform import TargetMaker, TargetSpec
 from models.config import (
     TARGET_FIELDS,
-    ExperimentConfig,
     apply_overrides,
     get_experiment,
     select_target_overrides,
@@ -38,12 +37,9 @@ from models.config import (
 from schemas import features
 
 
-def target_spec_for(
-    experiment: str | ExperimentConfig, split: str, train_split: str = "train"
-) -> TargetSpec:
-    """The variants a split gets under an experiment (a name or a config)."""
-    config = get_experiment(experiment) if isinstance(experiment, str) else experiment
-    return TargetSpec.from_config(config, split, train_split)
+def target_spec_for(experiment: str, split: str, train_split: str = "train") -> TargetSpec:
+    """The variants a split gets under a named experiment config."""
+    return TargetSpec.from_config(get_experiment(experiment), split, train_split)
 
 
 # Examples per target graph call. The graph's fixed cost (some hundreds of small ops, plus the
@@ -108,6 +104,7 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
     with beam_pipeline as pipeline:
         for split in splits:
             spec = TargetSpec.from_config(config, split, train_split)
+            spec_json = spec.to_json()  # Recorded in the report, checked by the Trainer.
             results = (
                 pipeline
                 | f"Read[{split}]"
@@ -125,11 +122,11 @@ def SoloTargetGen(  # noqa: N802 - TFX component names are CamelCase.
                 | f"Count[{split}]" >> beam.CombineGlobally(_sum_counters)
                 | f"WriteCounts[{split}]"
                 >> beam.Map(
-                    lambda c, s=split, spec=spec: _write_json(
+                    lambda c, s=split, spec=spec_json: _write_json(
                         {
                             "split": s,
-                            "variants": spec.to_json()["variants"],
-                            "spec": spec.to_json(),
+                            "variants": spec["variants"],
+                            "spec": spec,
                             "images": None,
                             **c,
                         },
