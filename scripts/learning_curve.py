@@ -4,8 +4,9 @@ Trains a named experiment (with optional overrides) on SoloTargetGen targets in 
 resume from one checkpoint folder (`models.train.train`), exports after each segment and
 evaluates the export on the eval split of the CocoExampleGen examples
 (`components.mask_evaluator.runner.evaluate_saved_model`). Each segment's schedule is the
-recipe's step schedule over that segment's total, so with `--decay-epoch` every segment ends
-with a short decay (x `lr_decay` over its last part) and resumes at the full rate.
+recipe's step schedule (its own `lr_steps` in epochs) stretched over that segment's total; with
+`--decay-epoch E` the schedule is `lr_steps=(E,)` instead, so every segment of a long recipe
+ends with a short decay (x `lr_decay` over its last part) and resumes at the full rate.
 
 With `--annotations` (the eval split's COCO file), each point also reports the AP with every
 class merged into one (class-agnostic) and with each detection relabelled to the class of its
@@ -94,6 +95,18 @@ def class_analysis(annotation_file: str, detections: list, first: int | None) ->
     }
 
 
+def curve_config(experiment: str, overrides: dict, decay_epoch: int | None):
+    """The named experiment with `overrides`; `decay_epoch` (if given) sets `lr_steps=(E,)`.
+
+    Without it the recipe keeps its own `lr_steps`, so each segment follows the recipe's
+    schedule stretched over the segment's total steps.
+    """
+    overrides = copy.deepcopy(overrides)
+    if decay_epoch is not None:
+        overrides.setdefault("train", {}).setdefault("lr_steps", [decay_epoch])
+    return apply_overrides(get_experiment(experiment), overrides)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", required=True, help="SoloTargetGen artifact folder")
@@ -105,8 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--decay-epoch",
         type=int,
-        default=49,
-        help="lr_steps=(E,) of the recipe's epochs: the last part of each segment decays",
+        default=None,
+        help="lr_steps=(E,) of the recipe's epochs (default: the recipe's own lr_steps)",
     )
     parser.add_argument("--annotations", default=None)
     parser.add_argument("--first", type=int, default=None)
@@ -114,9 +127,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
-    overrides = json.loads(args.overrides)
-    overrides.setdefault("train", {}).setdefault("lr_steps", [args.decay_epoch])
-    config = apply_overrides(get_experiment(args.experiment), overrides)
+    config = curve_config(args.experiment, json.loads(args.overrides), args.decay_epoch)
     with open(os.path.join(args.targets, "category_map.json")) as f:
         category_map = json.load(f)
     for total in (int(s) for s in args.steps.split(",")):

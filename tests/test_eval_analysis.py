@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.mask_ceiling import mask_ceiling, oracle_masks
-from scripts.learning_curve import class_analysis
+from scripts.learning_curve import class_analysis, curve_config
 
 
 def _square(y: int, x: int, size: int, image: int = 64) -> np.ndarray:
@@ -117,3 +117,19 @@ def test_class_analysis_separates_wrong_classes_from_wrong_masks(tmp_path):
     assert result["perfect_classes"]["AP"] < 1.0
     nothing = class_analysis(path, [], None)
     assert all(stats["AP"] == 0.0 for stats in nothing.values())
+
+
+def test_curve_config_keeps_the_recipe_schedule_unless_a_decay_epoch_is_given():
+    """The default must stay valid whatever the recipe's epoch count (an old default of
+    `lr_steps=(49,)` broke when demo_cpu went to 18 epochs)."""
+    from models.config import get_experiment
+
+    recipe = get_experiment("demo_cpu").train
+    assert curve_config("demo_cpu", {}, None).train == recipe
+    decayed = curve_config("demo_cpu", {"train": {"epochs": 60}}, 55).train
+    assert (decayed.epochs, decayed.lr_steps) == (60, (55,))
+    overrides = {"train": {"base_lr": 0.002}}
+    assert curve_config("demo_cpu", overrides, 10).train.lr_steps == (10,)
+    assert overrides == {"train": {"base_lr": 0.002}}  # The caller's dict is not changed.
+    with pytest.raises(ValueError, match="lr_steps"):
+        curve_config("demo_cpu", {}, recipe.epochs)
