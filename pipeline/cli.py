@@ -7,13 +7,18 @@ import json
 import os
 import sys
 
-from pipeline.demo_data import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, generate_demo_dataset
+from pipeline.demo_data import (
+    DEFAULT_NUM_TRAIN,
+    DEFAULT_NUM_VAL,
+    SPLITS,
+    dataset_info,
+    generate_demo_dataset,
+)
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    if args.if_missing and _demo_counts(args.out_dir) == (
-        args.num_train * args.scale,
-        args.num_val * args.scale,
+    if args.if_missing and _demo_data_matches(
+        args.out_dir, (args.num_train * args.scale, args.num_val * args.scale), args.seed
     ):
         print(f"Demo data already in {args.out_dir}")
         return 0
@@ -28,16 +33,18 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_counts(out_dir: str) -> tuple[int, int] | None:
-    """(train, val) image counts of a demo set in `out_dir`, None when there is none."""
-    counts = []
-    for split in ("train", "val"):
+def _demo_data_matches(out_dir: str, counts: tuple[int, int], seed: int) -> bool:
+    """Whether `out_dir` holds the demo set this generator writes for `counts` and `seed`:
+    same image counts, and the same generator version and seed in each split's COCO `info`."""
+    for split, count in zip(SPLITS, counts):
         path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
         if not os.path.exists(path):
-            return None
+            return False
         with open(path) as f:
-            counts.append(len(json.load(f)["images"]))
-    return tuple(counts)
+            coco = json.load(f)
+        if len(coco["images"]) != count or coco.get("info") != dataset_info(split, seed):
+            return False
+    return True
 
 
 def _show_progress_logs() -> None:
@@ -218,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--if-missing",
         action="store_true",
-        help="do nothing if a demo set with these image counts is there already",
+        help="do nothing if this demo set (counts, seed, generator version) is there already",
     )
     demo.set_defaults(func=_demo_data)
 

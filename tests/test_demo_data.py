@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.demo_data import (
+    NUM_SIZE_BUCKETS,
     SPLITS,
     _image_rng,
     _mask_to_polygons,
@@ -198,6 +199,23 @@ def test_object_scales_cover_every_solov2_range(dataset, split):
             assert np.any((scales >= low) & (scales < high)), (low, high)
 
 
+@pytest.mark.parametrize("split", SPLITS)
+def test_only_the_guaranteed_object_is_tiny(dataset, split):
+    """Objects under 16 px come only from the guaranteed bucket-0 object (image index % 5 == 0):
+    the extras are drawn from 32 px and up, and even the most occluded one (45% of its area
+    left) cannot fit a 16 px box."""
+    _, _, cocos = dataset
+    coco = cocos[split]
+    for image_id, info in coco.imgs.items():
+        factor = _resize_factors(info["height"], info["width"])[0]
+        tiny = [
+            annotation
+            for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
+            if math.sqrt(annotation["bbox"][2] * annotation["bbox"][3]) * factor < 16
+        ]
+        assert len(tiny) == (1 if (image_id - 1) % NUM_SIZE_BUCKETS == 0 else 0), image_id
+
+
 def test_mask_to_polygons_is_exact_for_holes_and_diagonal_contacts():
     rng = np.random.default_rng(0)
     masks = [rng.random((17, 23)) < p for p in (0.3, 0.5, 0.7)]
@@ -223,13 +241,16 @@ def test_uncompressed_rle_round_trips_masks_that_start_with_foreground():
     assert np.array_equal(decoded.astype(bool), mask)
 
 
-def test_cli_if_missing_regenerates_when_the_counts_differ(tmp_path, capsys):
-    """`make run` uses `--if-missing`: a demo set of other image counts (an older default) must
-    not be reused, or the epoch-based recipe would train for fewer steps than it says."""
+def test_cli_if_missing_regenerates_when_the_set_differs(tmp_path, capsys):
+    """`make run` uses `--if-missing`: a demo set of other image counts (an older default), of
+    another seed, or from an older generator must not be reused; the epoch-based recipe would
+    train for fewer steps than it says, or on data its results were not measured on."""
     from pipeline import cli
 
+    train_file = tmp_path / "annotations" / "instances_train.json"
+
     def train_images():
-        with open(tmp_path / "annotations" / "instances_train.json") as f:
+        with open(train_file) as f:
             return len(json.load(f)["images"])
 
     args = ["demo-data", str(tmp_path), "--num-train", "2", "--num-val", "1", "--if-missing"]
@@ -239,3 +260,16 @@ def test_cli_if_missing_regenerates_when_the_counts_differ(tmp_path, capsys):
     assert "already" in capsys.readouterr().out
     assert cli.main([*args[:3], "3", *args[4:]]) == 0
     assert train_images() == 3
+    assert "Wrote" in capsys.readouterr().out
+    three = [*args[:3], "3", *args[4:]]
+    assert cli.main([*three, "--seed", "1"]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    with open(train_file) as f:
+        coco = json.load(f)
+    coco["info"]["version"] = "1.0"  # A set written by the previous generator.
+    with open(train_file, "w") as f:
+        json.dump(coco, f)
+    assert cli.main([*three, "--seed", "1"]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    assert cli.main([*three, "--seed", "1"]) == 0
+    assert "already" in capsys.readouterr().out
