@@ -11,7 +11,10 @@ ends with a short decay (x `lr_decay` over its last part) and resumes at the ful
 With `--annotations` (the eval split's COCO file), each point also reports the AP with every
 class merged into one (class-agnostic) and with each detection relabelled to the class of its
 best-IoU ground truth (perfect classes), which separates classification errors from masks.
-`--first N` restricts the evaluation to the first N eval images (sorted ids) as well.
+`--first N` restricts the evaluation to the first N eval images (sorted ids) as well. It also
+sorts the `--top` best-scored detections by what they are (`error_breakdown`): true positive,
+duplicate, right mask with the wrong class, poorly localised or background, plus a confusion
+count of (true class, predicted class) over those that cover an object.
 
 Prints one JSON line per point. Example (the README's learning curve):
 
@@ -95,6 +98,70 @@ def class_analysis(annotation_file: str, detections: list, first: int | None) ->
     }
 
 
+ERROR_KINDS = ("true_positive", "duplicate", "wrong_class", "poor_localisation", "background")
+
+
+def error_breakdown(
+    annotation_file: str, detections: list, top: int, iou_threshold: float = 0.5
+) -> dict:
+    """What the `top` best-scored detections are, matched greedily per image by score.
+
+    Each detection is, against the non-crowd objects of its image: a `true_positive` if it
+    covers (IoU >= `iou_threshold`) an object of its class not yet matched; a `duplicate` if
+    every such object is matched already; `wrong_class` if it covers only objects of other
+    classes; `poor_localisation` if its best IoU with any object is in [0.1, threshold);
+    `background` below that. Detections on images without objects are `background`.
+
+    Returns `{"top": n, kind: count for kind in ERROR_KINDS, "confusion": {"true -> predicted":
+    count}}`, the confusion over the detections that cover an object (the best-IoU object's
+    class against the detection's), by category name.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(annotation_file)
+    ranked = sorted(detections, key=lambda d: -d["score"])[:top]
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    confusion: dict[str, int] = {}
+    matched: dict[int, set] = {}
+    for detection in ranked:
+        image_id = detection["image_id"]
+        objects = [
+            a
+            for a in ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=image_id))
+            if not a["iscrowd"]
+        ]
+        if not objects:
+            counts["background"] += 1
+            continue
+        ious = mask_utils.iou(
+            [detection["segmentation"]],
+            [ground_truth.annToRLE(a) for a in objects],
+            [0] * len(objects),
+        )[0]
+        covered = [i for i in range(len(objects)) if ious[i] >= iou_threshold]
+        same_class = [i for i in covered if objects[i]["category_id"] == detection["category_id"]]
+        taken = matched.setdefault(image_id, set())
+        free = [i for i in same_class if objects[i]["id"] not in taken]
+        if free:
+            taken.add(objects[max(free, key=lambda i: ious[i])]["id"])
+            counts["true_positive"] += 1
+        elif same_class:
+            counts["duplicate"] += 1
+        elif covered:
+            counts["wrong_class"] += 1
+        elif ious.max() >= 0.1:
+            counts["poor_localisation"] += 1
+        else:
+            counts["background"] += 1
+        if covered:
+            best = objects[int(np.argmax(ious))]
+            key = (
+                f"{ground_truth.cats[best['category_id']]['name']} -> "
+                f"{ground_truth.cats[detection['category_id']]['name']}"
+            )
+            confusion[key] = confusion.get(key, 0) + 1
+    return {"top": len(ranked), **counts, "confusion": dict(sorted(confusion.items()))}
+
+
 def curve_config(experiment: str, overrides: dict, decay_epoch: int | None):
     """The named experiment with `overrides`; `decay_epoch` (if given) sets `lr_steps=(E,)`.
 
@@ -123,6 +190,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--annotations", default=None)
     parser.add_argument("--first", type=int, default=None)
+    parser.add_argument("--top", type=int, default=400, help="detections in error_breakdown")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -156,6 +224,7 @@ def main(argv=None) -> None:
         }
         if args.annotations:
             point.update(class_analysis(args.annotations, result["detections"], args.first))
+            point["errors"] = error_breakdown(args.annotations, result["detections"], args.top)
         print(json.dumps(point), flush=True)
 
 

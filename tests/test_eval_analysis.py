@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.mask_ceiling import mask_ceiling, oracle_masks
-from scripts.learning_curve import class_analysis, curve_config
+from scripts.learning_curve import ERROR_KINDS, class_analysis, curve_config, error_breakdown
 
 
 def _square(y: int, x: int, size: int, image: int = 64) -> np.ndarray:
@@ -133,3 +133,45 @@ def test_curve_config_keeps_the_recipe_schedule_unless_a_decay_epoch_is_given():
     assert overrides == {"train": {"base_lr": 0.002}}  # The caller's dict is not changed.
     with pytest.raises(ValueError, match="lr_steps"):
         curve_config("demo_cpu", {}, recipe.epochs)
+
+
+def test_error_breakdown_sorts_detections_by_kind(tmp_path):
+    """Image 1: a 40 x 40 square (class 1) and an 8 x 8 one (class 2); image 2: no object.
+    Six detections, best score first: the big square right (true positive), again (duplicate),
+    with class 2 (wrong class), a square overlapping it by IoU 288 / 1888 (poor localisation), one far
+    from both (background), and one on the empty image (background). `top` cuts the list."""
+    from pycocotools import mask as mask_utils
+
+    big, small = _square(8, 12, 40), _square(0, 0, 8)
+    path = _write_coco(tmp_path / "gt.json", [[big, small], []], categories=[1, 2])
+
+    def detection(mask, category_id, score, image_id=1):
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode()
+        return {
+            "image_id": image_id,
+            "category_id": category_id,
+            "segmentation": rle,
+            "score": score,
+        }
+
+    detections = [
+        detection(big, 1, 0.9),
+        detection(big, 1, 0.8),
+        detection(big, 2, 0.7),
+        detection(_square(8, 40, 24), 1, 0.6),
+        detection(_square(52, 0, 10), 1, 0.5),
+        detection(big, 1, 0.4, image_id=2),
+    ]
+    result = error_breakdown(path, detections, top=10)
+    assert result["top"] == 6
+    assert {kind: result[kind] for kind in ERROR_KINDS} == {
+        "true_positive": 1,
+        "duplicate": 1,
+        "wrong_class": 1,
+        "poor_localisation": 1,
+        "background": 2,
+    }
+    assert result["confusion"] == {"square -> other": 1, "square -> square": 2}
+    assert error_breakdown(path, detections, top=1)["true_positive"] == 1
+    assert error_breakdown(path, [], top=5)["top"] == 0
