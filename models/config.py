@@ -326,19 +326,20 @@ def demo_cpu() -> ExperimentConfig:
     Why these widths: at 352 px the 256-channel FPN output convs at P2 cost more than the whole
     ResNet-18. By a FLOP count, 64/64/32/32 widths make a step about 2.5x cheaper than the
     previous 256/128/64/64 (6.6 vs 16.6 GMAC per image forward), so the recipe affords 504
-    steps instead of 216; on the demo val split mask AP went from 0.022 to 0.062 (README
-    "Results").
+    steps instead of 216; on the demo val split mask AP went from 0.022 to 0.062
+    (docs/experiments.md).
 
     Why AdamW and bfloat16 (departures from the official SGD, float32 recipe; demo only): from
     random initialisation and a 10-minute budget, AdamW at 1e-3 reached a lower loss than SGD
     at the same 504 steps (0.81 vs 0.90) and mask AP 0.084 vs 0.052-0.062. bfloat16 on a CPU
     with AVX512-BF16 made a step 0.76-0.85x as long, which pays for most of 648 steps;
-    with both, mask AP 0.102 (README "Results"). `mixed_precision="auto"` falls back to float32
-    on CPUs without native bfloat16.
+    with both, mask AP 0.102 (docs/experiments.md). `mixed_precision="auto"` falls back to
+    float32 on CPUs without native bfloat16.
 
     Why 18 epochs of 192 images (864 steps) rather than 54 of 48 (648): the 48 images were
     memorised (AP 0.30 on them, 0.10 on val); with 4x the images and the time the traced-once
-    train step saved, val AP went to 0.133 (one seed, README "Results").
+    train step saved, val AP went to 0.133 (one seed, docs/experiments.md). The figures so
+    far are on demo data 1.0; on 2.0 (larger shapes, 64 val images) see README "Results".
     """
     return ExperimentConfig(
         ModelConfig(

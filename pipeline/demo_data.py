@@ -64,8 +64,9 @@ _BLOB_CATEGORIES = (_ELLIPSE, _RECTANGLE, _TRIANGLE, _STAR)
 SPLITS = ("train", "val")
 # The `make run` demo set. 192 training images rather than 48: at the demo recipe's budget
 # 48 images are memorised (AP 0.30 on them, 0.10 on val); 192 images for 864 steps gave val
-# AP 0.133 against 0.089-0.105 (README "Results"). 64 val images rather than 16: one recipe's
-# AP spread 0.089-0.105 from run to run on 16 images; evaluating 64 costs about 30 s more.
+# AP 0.133 against 0.089-0.105 (docs/experiments.md, demo data 1.0). 64 val images rather
+# than 16: one recipe's AP spread 0.089-0.105 from run to run on 16 images; evaluating 64
+# costs about 15 s more.
 # Bumped whenever the same seed and counts would give other files: 2.0 draws the extra shapes
 # from 32 px and up and cuts shapes with thicker bars (1.0: all five size buckets, 4..9 px bars).
 GENERATOR_VERSION = "2.0"
