@@ -117,7 +117,9 @@ def mask_ceiling(annotation_file: str, short_side: int, max_size: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--coco-dir", default=None, help="default: demo_data/, or a generated val split if that is absent"
+        "--coco-dir",
+        default=None,
+        help="default: demo_data/, or a generated val split if that is absent",
     )
     parser.add_argument("--annotation-file", default="annotations/instances_val.json")
     parser.add_argument("--config", default="demo_cpu")
