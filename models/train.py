@@ -445,7 +445,12 @@ class SOLOv2Trainer:
         grads = tf.distribute.get_replica_context().all_reduce(
             tf.distribute.ReduceOp.SUM, [g for g, _ in pairs]
         )
-        loss_scale = self.optimizer.dynamic_scale if self._loss_scaling else tf.constant(1.0)
+        # Read the scale now: the variable itself would be read after `apply` updates it.
+        loss_scale = (
+            tf.convert_to_tensor(self.optimizer.dynamic_scale)
+            if self._loss_scaling
+            else tf.constant(1.0)
+        )
         if self._loss_scaling:
             grads = [g / loss_scale for g in grads]
         grad_norm = tf.linalg.global_norm(grads)
