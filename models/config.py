@@ -48,6 +48,7 @@ class ModelConfig:
     num_classes: int = 80  # no background channel
     head_convs: int = 4
     head_channels: int = 512
+    category_head_channels: int | None = None  # category tower alone; None = head_channels
     kernel_channels: int = 256  # E: 1x1 dynamic kernel size = mask-feature channels
     mask_mid_channels: int = 128
     norm_groups: int = 32
@@ -114,8 +115,15 @@ class ModelConfig:
         ):
             problems.append(f"grids must be positive and non-increasing, got {self.grids}")
         problems += _scale_range_problems(self.scale_ranges)
-        for name in ("head_channels", "mask_mid_channels", "kernel_channels"):
+        for name in (
+            "head_channels",
+            "category_head_channels",
+            "mask_mid_channels",
+            "kernel_channels",
+        ):
             channels = getattr(self, name)
+            if channels is None and name == "category_head_channels":
+                continue
             if channels <= 0 or channels % self.norm_groups:
                 problems.append(
                     f"{name}={channels} not a positive multiple of GN groups {self.norm_groups}"

@@ -29,6 +29,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
       grids: S per level (official: 40, 36, 24, 16, 12).
       num_convs: tower depth (official 4; light 2).
       channels: tower width (official 512; light 256); divisible by `norm_groups`.
+      category_channels: width of the category tower alone; None (official) = `channels`.
       kernel_channels: E, weights of a 1x1 dynamic kernel (= mask-feature channels).
       norm_groups: GroupNorm groups (official 32).
       prior_prob: initial foreground probability of the category logits.
@@ -40,6 +41,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         grids=(40, 36, 24, 16, 12),
         num_convs: int = 4,
         channels: int = 512,
+        category_channels: int | None = None,
         kernel_channels: int = 256,
         norm_groups: int = 32,
         prior_prob: float = 0.01,
@@ -53,18 +55,19 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         self.grids = tuple(grids)
         self.num_convs = num_convs
         self.channels = channels
+        self.category_channels = category_channels or channels
         self.kernel_channels = kernel_channels
         self.norm_groups = norm_groups
         self.prior_prob = prior_prob
 
-        def tower(branch):
+        def tower(branch, width):
             return [
-                ops.ConvNormReLU(channels, 3, norm_groups, name=f"{branch}_tower_{index}")
+                ops.ConvNormReLU(width, 3, norm_groups, name=f"{branch}_tower_{index}")
                 for index in range(num_convs)
             ]
 
-        self.kernel_tower = tower("kernel")
-        self.category_tower = tower("category")
+        self.kernel_tower = tower("kernel", channels)
+        self.category_tower = tower("category", self.category_channels)
         self.kernel_output = keras.layers.Conv2D(
             kernel_channels,
             3,
@@ -88,7 +91,8 @@ class SOLOv2InstanceHead(keras.layers.Layer):
         for kernel_layer, category_layer in zip(self.kernel_tower, self.category_tower):
             kernel_layer.build(kernel_shape)
             category_layer.build(category_shape)
-            kernel_shape = category_shape = (batch, None, None, self.channels)
+            kernel_shape = (batch, None, None, self.channels)
+            category_shape = (batch, None, None, self.category_channels)
         self.kernel_output.build(kernel_shape)
         self.category_output.build(category_shape)
 
@@ -143,6 +147,7 @@ class SOLOv2InstanceHead(keras.layers.Layer):
             grids=list(self.grids),
             num_convs=self.num_convs,
             channels=self.channels,
+            category_channels=self.category_channels,
             kernel_channels=self.kernel_channels,
             norm_groups=self.norm_groups,
             prior_prob=self.prior_prob,

@@ -100,6 +100,7 @@ def build_model(config: ModelConfig) -> SOLOv2:
             grids=config.grids,
             num_convs=config.head_convs,
             channels=config.head_channels,
+            category_channels=config.category_head_channels,
             kernel_channels=config.kernel_channels,
             norm_groups=config.norm_groups,
             name="instance_head",

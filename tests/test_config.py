@@ -158,6 +158,7 @@ def test_learning_rate_scales_linearly_with_batch():
         ({"strides": (4, 8, 16, 32, 64)}, "strides"),
         ({"grids": (12, 16, 24, 36, 40)}, "non-increasing"),
         ({"head_channels": 100}, "head_channels"),
+        ({"category_head_channels": 48}, "category_head_channels"),
         ({"kernel_channels": 48}, "kernel_channels"),
         ({"mask_mid_channels": 0}, "mask_mid_channels"),
         ({"scale_ranges": ((1, 96), (100, 192), (96, 384), (192, 768), (384, 2048))}, "increasing"),

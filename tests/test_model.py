@@ -369,6 +369,21 @@ def test_head_towers_are_shared_across_levels():
     assert all(not layer.conv.use_bias for layer in head.kernel_tower + head.category_tower)
 
 
+def test_category_tower_can_be_wider_than_the_kernel_tower():
+    head = _tiny_head(category_channels=32)
+    outputs = head(_pyramid(channels=24))
+    assert tuple(outputs["category_logits"].shape) == (2, 3872, 3)
+    assert tuple(outputs["kernels"].shape) == (2, 3872, 8)
+    # in -> 32 -> 32 -> classes for the category branch; in + 2 -> 16 -> 16 -> E for kernels.
+    assert [layer.conv.kernel.shape[2:] for layer in head.category_tower] == [(24, 32), (32, 32)]
+    assert [layer.conv.kernel.shape[2:] for layer in head.kernel_tower] == [(26, 16), (16, 16)]
+    assert head.category_output.kernel.shape[2:] == (32, 3)
+    assert head.kernel_output.kernel.shape[2:] == (16, 8)
+    assert _tiny_head().category_channels == 16  # None: the shared width, as officially
+    clone = SOLOv2InstanceHead.from_config(head.get_config())
+    assert clone.category_channels == 32
+
+
 def test_head_round_trip():
     _assert_round_trip(_tiny_head(), _pyramid(batch=1))
     # Non-default grids and prior too, so every init argument goes through get_config.
@@ -521,7 +536,8 @@ def test_every_named_experiment_builds_the_model_it_describes(name):
         config.head_channels,
     )
     assert head.kernel_output.kernel.shape == (3, 3, config.head_channels, config.kernel_channels)
-    assert head.category_output.kernel.shape[-1] == config.num_classes
+    category_width = config.category_head_channels or config.head_channels
+    assert head.category_output.kernel.shape == (3, 3, category_width, config.num_classes)
     assert mask_head.convs[0].conv.kernel.shape[-1] == config.mask_mid_channels
     assert mask_head.output_conv.conv.kernel.shape == (
         1,
