@@ -5,8 +5,11 @@ TFRecords of SoloTargetGen examples -> parse -> JPEG decode -> resize/normalise/
 variant -> padded_batch -> prefetch, distributed by the default strategy), fed to
 `SOLOv2Trainer.train_step`. The cached run repeats one batch already in memory. Both are timed in
 alternating blocks (median of per-block means, after warm-up) so that machine load hits both
-alike; input overhead = pipeline / cached - 1. Goal: <= 10%. On a CPU-only machine the input
-pipeline and the step share the same cores, which a GPU/TPU host does not.
+alike; input overhead = pipeline / cached - 1. Goal: <= 10%. It also times the cached batch
+through a second trainer whose loss keeps its positive buffer static (`max_positives` slots
+per image, as on TPU) against the default buffer cut to the batch's positive count. On a
+CPU-only machine the input pipeline and the step share the same cores, which a GPU/TPU host
+does not.
 
     .venv/bin/python -m benchmarks.train_step [--experiment demo_cpu] [--batch-size 4]
         [--examples-dir DIR] [--blocks 3] [--steps 8]
@@ -27,7 +30,7 @@ import time
 import tensorflow as tf
 
 from models.config import get_experiment
-from models.train import SOLOv2Trainer, make_dataset
+from models.train import SOLOv2Trainer, make_dataset, resolve_mixed_precision
 
 
 def _time_block(step, steps: int) -> float:
@@ -51,7 +54,8 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
         )
     pattern = os.path.join(examples_dir, "Split-train", "*")
 
-    trainer = SOLOv2Trainer(config, total_steps=10_000)
+    precision = resolve_mixed_precision(config.train.mixed_precision)  # as `models.train.train`
+    trainer = SOLOv2Trainer(config, total_steps=10_000, mixed_precision=precision)
     dataset = trainer.distribute(
         lambda ctx, batch: make_dataset(pattern, config, batch, input_context=ctx)
     )
@@ -76,12 +80,26 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
         next(fresh)
     input_only = (time.perf_counter() - start) / input_batches
 
+    # The same cached batch through a step that keeps the loss's positive buffer static
+    # (max_positives slots per image, as on TPU) instead of cutting it to the batch's count.
+    static = SOLOv2Trainer(
+        config, total_steps=10_000, mixed_precision=precision, static_shapes=True
+    )
+    static.distribute(lambda ctx, batch: make_dataset(pattern, config, batch, input_context=ctx))
+    for _ in range(3):
+        static.train_step(cached)
+    trimmed_times, static_times = [], []
+    for _ in range(blocks):
+        trimmed_times.append(_time_block(lambda: trainer.train_step(cached), steps))
+        static_times.append(_time_block(lambda: static.train_step(cached), steps))
+
     pipeline_step = statistics.median(pipeline_times)
     cached_step = statistics.median(cached_times)
     return {
         "experiment": experiment,
         "batch_size": batch_size,
         "image_pad": config.train.train_max_size,
+        "mixed_precision": precision,
         "machine": {
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
@@ -95,6 +113,14 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
         "pipeline_step_blocks_s": [round(t, 4) for t in pipeline_times],
         "cached_step_blocks_s": [round(t, 4) for t in cached_times],
         "goal_overhead_pct": 10,
+        "positives_in_cached_batch": int(
+            tf.reduce_sum(tf.cast(cached["cell_class"] >= 0, tf.int32))
+        ),
+        "cached_step_trimmed_buffer_s": round(statistics.median(trimmed_times), 4),
+        "cached_step_static_buffer_s": round(statistics.median(static_times), 4),
+        "static_over_trimmed": round(
+            statistics.median(static_times) / statistics.median(trimmed_times), 3
+        ),
     }
 
 

@@ -351,6 +351,9 @@ class SOLOv2Trainer:
       strategy: a tf.distribute strategy (default: the current one).
       mixed_precision: None, "mixed_float16" or "mixed_bfloat16".
       max_positives: per-image positive buffer of the mask loss.
+      static_shapes: keep that buffer at `max_positives` slots (`solov2_loss(trim_buffer=False)`)
+        instead of cutting it to the batch's largest positive count. None: only on TPU, which
+        needs static shapes.
     """
 
     def __init__(
@@ -361,12 +364,16 @@ class SOLOv2Trainer:
         strategy: tf.distribute.Strategy | None = None,
         mixed_precision: str | None = None,
         max_positives: int = DEFAULT_MAX_POSITIVES,
+        static_shapes: bool | None = None,
     ):
         self.config = config
         self.total_steps = int(total_steps)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.mixed_precision = mixed_precision
         self.max_positives = max_positives
+        if static_shapes is None:
+            static_shapes = isinstance(self.strategy, tf.distribute.TPUStrategy)
+        self.static_shapes = static_shapes
         with dtype_policy(mixed_precision), self.strategy.scope():
             self.model = build_model(config.model)
             self.optimizer = make_optimizer(config.train, total_steps, mixed_precision)
@@ -436,6 +443,7 @@ class SOLOv2Trainer:
                 max_positives=self.max_positives,
                 global_num_positives=num_pos,
                 global_num_mask_positives=num_mask,
+                trim_buffer=not self.static_shapes,
             )
             category_loss = model_config.category_loss_weight * parts["category_loss"]
             loss = category_loss + parts["mask_loss"]

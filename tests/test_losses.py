@@ -179,6 +179,49 @@ def test_truncation_keeps_first_positives_in_cell_order():
     np.testing.assert_allclose(parts["mask_loss"].numpy(), want_mask, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "positives, max_positives",
+    [
+        ([[0, 3, 4, 17, 19], [11], []], 8),  # buffer cut to 5 of 8 slots
+        ([[2, 7, 9, 13, 18], [0, 1]], 3),  # truncated: the cut changes nothing
+        ([[], []], 8),  # no positive anywhere: one slot, mask loss 0
+    ],
+)
+def test_trimmed_buffer_gives_the_static_buffers_loss_and_gradients(positives, max_positives):
+    rng = np.random.default_rng(9)
+    outputs, targets = make_batch(rng, positives)
+    # Unknown batch and cell-instance dims, as in the trainer's traced-once step.
+    spec = {k: tf.TensorSpec([None, *v.shape[1:]], v.dtype) for k, v in outputs.items()}
+
+    def loss_and_grads(trim_buffer):
+        @tf.function(input_signature=[spec])
+        def step(out):
+            with tf.GradientTape() as tape:
+                tape.watch(out)
+                parts = solov2_loss(
+                    out,
+                    targets,
+                    num_classes=NUM_CLASSES,
+                    max_positives=max_positives,
+                    trim_buffer=trim_buffer,
+                )
+            return parts, tape.gradient(parts["total_loss"], out)
+
+        return step({k: tf.constant(v) for k, v in outputs.items()})
+
+    trimmed, trimmed_grads = loss_and_grads(True)
+    static, static_grads = loss_and_grads(False)
+    for key in static:
+        np.testing.assert_allclose(trimmed[key].numpy(), static[key].numpy(), rtol=1e-6)
+    for key in static_grads:
+        np.testing.assert_allclose(
+            trimmed_grads[key].numpy(), static_grads[key].numpy(), rtol=1e-5, atol=1e-7
+        )
+    if not any(positives):
+        assert trimmed["mask_loss"].numpy() == 0.0
+        assert not np.any(trimmed_grads["kernels"].numpy())
+
+
 def test_split_batch_with_global_counts_sums_to_full_batch_loss():
     rng = np.random.default_rng(7)
     outputs, targets = make_batch(rng, [[0, 3, 4], [], [5, 6, 7, 8, 9, 10], [19]])

@@ -310,6 +310,26 @@ def test_train_step_is_traced_once_whatever_the_instance_count(examples_dir):
     assert trainer.traces == 1
 
 
+def test_static_loss_buffer_takes_the_same_step_as_the_trimmed_one(examples_dir):
+    """The TPU path (a static positive buffer) and the default (cut to the batch's positives)."""
+    config = train_utils.tiny_config(batch_size=2)
+    batch = next(iter(train_lib.make_dataset(_train_pattern(examples_dir), config, 2, seed=0)))
+    steps = {}
+    for static in (False, True):
+        keras.utils.set_random_seed(0)
+        trainer = train_lib.SOLOv2Trainer(config, 10, max_positives=256, static_shapes=static)
+        assert trainer.static_shapes is static
+        metrics = trainer.train_step(batch)
+        steps[static] = (metrics, [v.numpy() for v in trainer.model.trainable_variables])
+    (trimmed, trimmed_weights), (static, static_weights) = steps[False], steps[True]
+    assert 0 < float(trimmed["num_positives"]) < 256
+    for key in ("category_loss", "mask_loss", "grad_norm"):
+        np.testing.assert_allclose(float(trimmed[key]), float(static[key]), rtol=1e-5)
+    for got, want in zip(trimmed_weights, static_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert train_lib.SOLOv2Trainer(config, 10).static_shapes is False  # Default strategy: trim.
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_step(examples_dir, policy):
     config = train_utils.tiny_config(batch_size=1)  # float16 convolutions are slow on CPU.
