@@ -122,7 +122,7 @@ class ModelConfig:
             "kernel_channels",
         ):
             channels = getattr(self, name)
-            if channels is None and name == "category_head_channels":
+            if channels is None:  # category_head_channels: the shared head width
                 continue
             if channels <= 0 or channels % self.norm_groups:
                 problems.append(
