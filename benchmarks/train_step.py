@@ -8,7 +8,8 @@ alternating blocks (median of per-block means, after warm-up) so that machine lo
 alike; input overhead = pipeline / cached - 1. Goal: <= 10%. In the same blocks, the cached
 batch also goes through a second trainer whose loss keeps its positive buffer static
 (`max_positives` slots per image, as on TPU); the cached step above cuts it to the batch's
-positive count. On a
+positive count. And the cached batch padded to the square P x P (the training pad before
+`TrainConfig.orientation_pad`) goes through the first trainer: the cost of the square pad. On a
 CPU-only machine the input pipeline and the step share the same cores, which a GPU/TPU host
 does not.
 
@@ -31,6 +32,7 @@ import time
 import tensorflow as tf
 
 from models.config import get_experiment
+from models.preprocess import padded_size
 from models.train import SOLOv2Trainer, make_dataset, resolve_mixed_precision
 
 
@@ -70,16 +72,27 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
     static.distribute(dataset_fn)
     iterator = iter(dataset)
     cached = next(iterator)
+    # The same batch padded to the square P x P, as every image was before `orientation_pad`
+    # (the cost of the pad; the targets stay those of the orientation pad).
+    pad = padded_size(config.train.train_max_size)
+    square = dict(cached)
+    square["images"] = tf.image.pad_to_bounding_box(cached["images"], 0, 0, pad, pad)
+    masks = cached["instance_masks"]
+    square["instance_masks"] = tf.pad(
+        masks, [[0, 0], [0, 0], [0, pad // 4 - masks.shape[2]], [0, pad // 4 - masks.shape[3]]]
+    )
     for _ in range(3):  # Warm-up: tracing, allocations, pipeline autotuning.
         trainer.train_step(next(iterator))
         trainer.train_step(cached)
+        trainer.train_step(square)
         static.train_step(cached)
 
-    pipeline_times, cached_times, static_times = [], [], []
+    pipeline_times, cached_times, static_times, square_times = [], [], [], []
     for _ in range(blocks):
         pipeline_times.append(_time_block(lambda: trainer.train_step(next(iterator)), steps))
         cached_times.append(_time_block(lambda: trainer.train_step(cached), steps))
         static_times.append(_time_block(lambda: static.train_step(cached), steps))
+        square_times.append(_time_block(lambda: trainer.train_step(square), steps))
 
     # Input pipeline alone, on a fresh iterator (past its first batches, which only fill buffers).
     fresh = iter(dataset)
@@ -94,6 +107,7 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
     pipeline_step = statistics.median(pipeline_times)
     cached_step = statistics.median(cached_times)
     static_step = statistics.median(static_times)
+    square_step = statistics.median(square_times)
     return {
         "experiment": experiment,
         "batch_size": batch_size,
@@ -117,6 +131,9 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
         ),
         "cached_step_static_buffer_s": round(static_step, 4),
         "static_over_trimmed": round(static_step / cached_step, 3),
+        "cached_batch_pad": list(cached["images"].shape[1:3]),
+        "cached_step_square_pad_s": round(square_step, 4),
+        "square_over_orientation_pad": round(square_step / cached_step, 3),
     }
 
 

@@ -270,11 +270,15 @@ def make_dataset(
 
     TFRecordDataset -> (shard) -> shuffle -> repeat -> parallel `decode_training_example` (one
     random target variant per image per step; element order kept only when `seed` is set) ->
-    padded_batch (instances padded to the largest N
-    of the batch, or to `max_instances` for static shapes) with drop_remainder -> prefetch.
+    padded_batch (instances padded to the largest N of the batch, or to `max_instances` for
+    static shapes) with drop_remainder -> prefetch. Under `config.train.orientation_pad` the
+    batches are grouped by pad shape first (`group_by_window`): each batch holds images of one
+    orientation, padded to its rectangle (the spatial dims of the element spec are then None,
+    and the train step, traced once for that spec, takes both shapes).
 
-    Returns batches of `images [b, P, P, 3]` float32, `cell_class` / `cell_instance`
-    `[b, cells]` int32, `instance_masks [b, N, P/4, P/4]` uint8 (b = `batch_size`, per replica).
+    Returns batches of `images [b, Ph, Pw, 3]` float32, `cell_class` / `cell_instance`
+    `[b, cells]` int32, `instance_masks [b, N, Ph/4, Pw/4]` uint8 (b = `batch_size`, per
+    replica; Ph = Pw = P without `orientation_pad`).
     """
     patterns = [file_patterns] if isinstance(file_patterns, str) else list(file_patterns)
     files = sorted(f for p in patterns for f in tf.io.gfile.glob(p))
@@ -301,6 +305,7 @@ def make_dataset(
         num_cells=config.model.num_cells,
         random_variant=True,
         seed=seed,
+        orientation_pad=config.train.orientation_pad,
     )
 
     def parse(serialized):
@@ -310,23 +315,42 @@ def make_dataset(
             example = _keep_instances(example, max_instances)
         return example
 
-    pad = preprocess.padded_size(max_size)
     dataset = dataset.map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None
     )
-    # Static shapes but the instance count (unless `max_instances`): the train step is traced
-    # once for this element spec.
-    dataset = dataset.padded_batch(
+    if not config.train.orientation_pad:
+        # Static shapes but the instance count (unless `max_instances`): the train step is
+        # traced once for this element spec.
+        pad = preprocess.padded_size(max_size)
+        return _padded_batch(dataset, batch_size, config, max_instances, [pad, pad]).prefetch(
+            tf.data.AUTOTUNE
+        )
+    # One pad shape per batch: images wait in a window of their orientation until `batch_size`
+    # of them are there (mmdet's GroupSampler); a batch pads to its images' common pad.
+    dataset = dataset.group_by_window(
+        key_func=lambda example: tf.cast(tf.shape(example["images"])[0], tf.int64),
+        reduce_func=lambda _, window: _padded_batch(
+            window, batch_size, config, max_instances, [None, None]
+        ),
+        window_size=batch_size,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _padded_batch(dataset, batch_size, config, max_instances, pad_shape) -> tf.data.Dataset:
+    """`padded_batch` of decoded examples, `pad_shape` (height, width; None: the batch's)."""
+    pad_height, pad_width = pad_shape
+    quarter = [None if size is None else size // 4 for size in pad_shape]
+    return dataset.padded_batch(
         batch_size,
         padded_shapes={
-            "images": [pad, pad, 3],
+            "images": [pad_height, pad_width, 3],
             "cell_class": [config.model.num_cells],
             "cell_instance": [config.model.num_cells],
-            "instance_masks": [max_instances, pad // 4, pad // 4],
+            "instance_masks": [max_instances, *quarter],
         },
         drop_remainder=True,
     )
-    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _keep_instances(example: dict, max_instances: int) -> dict:

@@ -65,9 +65,12 @@ SOLO_CELL_INSTANCE = "solo/cell_instance"  # bytes [K]: serialized int32 tensor 
 # bytes [K]: serialized uint8 [N, ceil(h/4), ceil(w/32)]: the [N, P/4, P/4] masks cropped to the
 # variant's resized h x w and bit-packed (docs/CONTRACT.md; `models.targets.unpack_masks`).
 SOLO_INSTANCE_MASKS = "solo/instance_masks_packed"
-SOLO_PADDED_SIZE = "solo/padded_size"  # int64: P, the square pad of the model input.
+# int64 [2]: the pad (height, width) of the model input the targets were made for: the square
+# (P, P), or under `TrainConfig.orientation_pad` the image's orientation rectangle.
+SOLO_PADDED_SIZE = "solo/padded_size"
 SOLO_TARGETS_REPORT_FILENAME = "solo_targets_report.json"
 # Version of the target format above. SoloTargetGen takes it as an explicit parameter, so that
 # changing it changes the component's cache key: a pipeline run after a format change makes
 # new targets instead of reusing cached ones in the old format. 2: bit-packed, cropped masks.
-SOLO_TARGET_FORMAT_VERSION = 2
+# 3: `solo/padded_size` is (height, width), per image (orientation pads).
+SOLO_TARGET_FORMAT_VERSION = 3

@@ -4,7 +4,10 @@ its targets from RLE runs (no decoded masks) pinned to the direct computation.""
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import glob
+import itertools
 import json
 import os
 import pathlib
@@ -69,16 +72,17 @@ def _tensor(example, key, k, dtype):
 
 
 def _masks(example, k):
-    """Variant k's `[N, P/4, P/4]` masks, from their stored packed form (whose shape is checked:
-    the resized image's rows and columns at 1/4 scale, 8 columns per byte)."""
+    """Variant k's `[N, Ph/4, Pw/4]` masks (the recorded pad), from their stored packed form
+    (whose shape is checked: the resized image's rows and columns at 1/4 scale, 8 columns per
+    byte)."""
     f = example.features.feature
     packed = _tensor(example, features.SOLO_INSTANCE_MASKS, k, tf.uint8)
     new_h = f[features.SOLO_VARIANT_RESIZED_HEIGHT].int64_list.value[k]
     new_w = f[features.SOLO_VARIANT_RESIZED_WIDTH].int64_list.value[k]
     n = len(f[features.OBJECT_CLASS].int64_list.value)
     assert packed.shape == (n, -(-new_h // 4), -(-new_w // 32))
-    quarter = f[features.SOLO_PADDED_SIZE].int64_list.value[0] // 4
-    return unpack_masks(packed, quarter, quarter).numpy()
+    pad_height, pad_width = f[features.SOLO_PADDED_SIZE].int64_list.value
+    return unpack_masks(packed, pad_height // 4, pad_width // 4).numpy()
 
 
 def _variants(example) -> list[tuple[int, int]]:
@@ -98,14 +102,26 @@ def test_component_writes_every_split_with_its_variants(demo_examples, target_ar
         originals = read_examples(demo_examples.uri, split)
         written = read_examples(target_artifact.uri, split)
         assert len(written) == len(originals)
+        pads = collections.Counter()
         for example in written:
             assert _variants(example) == expected_variants
             f = example.features.feature
-            assert f[features.SOLO_PADDED_SIZE].int64_list.value == [352]
+            # Training targets at the image's orientation pad, eval ones at the square.
+            pad = tuple(f[features.SOLO_PADDED_SIZE].int64_list.value)
+            landscape = (
+                f[features.IMAGE_WIDTH].int64_list.value[0]
+                >= f[features.IMAGE_HEIGHT].int64_list.value[0]
+            )
+            if split == "eval":
+                assert pad == (352, 352)
+            else:
+                assert pad == ((256, 352) if landscape else (352, 256))
+            pads[pad] += 1
             # The original features are kept unchanged.
             assert f[features.IMAGE_ENCODED].bytes_list.value
             n = len(f[features.OBJECT_CLASS].int64_list.value)
-            assert _masks(example, 0).shape == (n, 88, 88)
+            assert _masks(example, 0).shape == (n, pad[0] // 4, pad[1] // 4)
+        assert len(pads) == (1 if split == "eval" else 2), pads
     assert os.path.exists(os.path.join(target_artifact.uri, features.CATEGORY_MAP_FILENAME))
 
 
@@ -183,18 +199,45 @@ def test_report_counts_every_instance(target_artifact):
         assert props[f"{split}_instances"].int_value == counts["instances"]
 
 
-def test_targets_equal_direct_computation_at_the_same_geometry(demo_examples):
-    """Variant 0 of an example = compute_targets on masks resized and padded by preprocess."""
-    spec = target_spec_for("demo_cpu", "train")
+def _first_of_each_orientation(examples) -> list:
+    """The first landscape and the first portrait example."""
+    chosen = {}
+    for example in examples:
+        f = example.features.feature
+        portrait = (
+            f[features.IMAGE_HEIGHT].int64_list.value[0]
+            > (f[features.IMAGE_WIDTH].int64_list.value[0])
+        )
+        chosen.setdefault(portrait, example)
+    assert len(chosen) == 2, "the demo split should hold both orientations"
+    return [chosen[False], chosen[True]]
+
+
+@pytest.mark.parametrize("orientation_pad", [True, False])
+def test_targets_equal_direct_computation_at_the_same_geometry(demo_examples, orientation_pad):
+    """Variant 0 of an example = compute_targets on masks resized and padded by preprocess, at
+    the square pad or (orientation_pad) the example's orientation rectangle: 256 x 352 for a
+    landscape demo image, 352 x 256 for a portrait one."""
+    spec = dataclasses.replace(
+        target_spec_for("demo_cpu", "train"), orientation_pad=orientation_pad
+    )
     maker = TargetMaker(spec)
-    example = read_examples(demo_examples.uri, "train")[0]
+    for example in _first_of_each_orientation(read_examples(demo_examples.uri, "train")):
+        _check_direct_computation(spec, maker, example, orientation_pad)
+
+
+def _check_direct_computation(spec, maker, example, orientation_pad):
     with_targets, _ = maker.add_targets(example)
     masks = decode_rle_masks(example)
     f = example.features.feature
     height, width = masks.shape[1:]
+    pad_shape = ((256, 352) if width >= height else (352, 256)) if orientation_pad else (352, 352)
+    assert list(with_targets.features.feature[features.SOLO_PADDED_SIZE].int64_list.value) == [
+        *pad_shape
+    ]
     new_h, new_w = (int(v) for v in preprocess.resized_shape(height, width, 256, 352))
     resized = tf.image.resize(masks[..., None], [new_h, new_w], method="nearest")[..., 0]
-    padded = np.zeros((len(masks), 352, 352), np.uint8)
+    padded = np.zeros((len(masks), *pad_shape), np.uint8)
     padded[:, :new_h, :new_w] = resized.numpy()
     sy, sx = new_h / height, new_w / width
     boxes = np.stack(
@@ -280,17 +323,24 @@ def test_tiny_instance_that_vanishes_is_counted_not_dropped():
 def test_training_decoder_draws_every_variant_and_matches_geometry(target_artifact):
     files = glob.glob(os.path.join(target_artifact.uri, "Split-train", "*.gz"))
     record = next(iter(tf.data.TFRecordDataset(files, compression_type="GZIP")))
+    example = tf.train.Example.FromString(record.numpy())
+    pad_height, pad_width = example.features.feature[features.SOLO_PADDED_SIZE].int64_list.value
+    assert sorted([pad_height, pad_width]) == [256, 352]  # demo_cpu: the orientation pad
+    decode = functools.partial(
+        decode_training_example, max_size=352, num_cells=3872, orientation_pad=True
+    )
     seen = set()
     for seed in range(12):
-        decoded = decode_training_example(
-            record, max_size=352, num_cells=3872, random_variant=True, seed=seed
-        )
+        decoded = decode(record, random_variant=True, seed=seed)
         # The flipped image is the mirror of the plain one inside the resized region.
         seen.add(decoded["images"].numpy().tobytes())
-        assert decoded["images"].shape == (352, 352, 3)
+        assert decoded["images"].shape == (pad_height, pad_width, 3)
+        assert decoded["instance_masks"].shape[1:] == (pad_height // 4, pad_width // 4)
     assert len(seen) == 2  # Both variants are drawn.
-    plain = decode_training_example(record, max_size=352, num_cells=3872, random_variant=False)
-    example = tf.train.Example.FromString(record.numpy())
+    plain = decode(record, random_variant=False)
+    # Decoding them as square-pad targets is refused: they would train the wrong cells.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="another pad"):
+        decode_training_example(record, max_size=352, num_cells=3872, random_variant=False)
     new_w = example.features.feature[features.SOLO_VARIANT_RESIZED_WIDTH].int64_list.value[0]
     new_h = example.features.feature[features.SOLO_VARIANT_RESIZED_HEIGHT].int64_list.value[0]
     image = plain["images"].numpy()
@@ -455,7 +505,7 @@ def _dense_variant_fn(spec: TargetSpec):
         targets = compute_targets(
             tf.stack([ymin, xmin, ymax, xmax], axis=1),
             classes,
-            preprocess.pad_to(resized, spec.pad),
+            preprocess.pad_to(resized, *spec.pad_shape(height, width)),
             is_crowd,
             grids=spec.grids,
             scale_ranges=spec.scale_ranges,
@@ -595,7 +645,8 @@ def test_batched_targets_equal_single_image_targets():
         assert empty == collections.Counter(dict.fromkeys(COUNT_NAMES, 0))
         assert crowd["instances"] == crowd["crowd"] == 4 and crowd["positive_instances"] == 0
         with_targets = tf.train.Example.FromString(alone[2][0])
-        assert _masks(with_targets, 0).shape == (0, spec.pad // 4, spec.pad // 4)
+        pad_height, pad_width = spec.pad_shape(333, 500)  # (800, 1344) for the training spec
+        assert _masks(with_targets, 0).shape == (0, pad_height // 4, pad_width // 4)
         np.testing.assert_array_equal(
             _tensor(with_targets, features.SOLO_CELL_CLASS, 0, tf.int32), -1
         )
@@ -697,6 +748,7 @@ def test_training_decoder_returns_the_dense_masks():
             max_size=spec.max_size,
             num_cells=3872,
             random_variant=False,
+            orientation_pad=spec.orientation_pad,
         )
         f = example.features.feature
         boxes = np.stack([f[k].float_list.value for k in features.OBJECT_BOX_KEYS], 1)
@@ -713,3 +765,103 @@ def test_training_decoder_returns_the_dense_masks():
             np.testing.assert_array_equal(decoded[name], expected[name], err_msg=f"case {i}")
         nonempty += int(expected["instance_masks"].numpy().any())
     assert nonempty == len(cases) - 1  # The one-row image is empty at 1/4 scale.
+
+
+def test_orientation_pad_holds_every_variant_and_is_no_larger_than_needed():
+    """`orientation_pad_shape`: every scale variant of an image fits its pad, the pad is the
+    smallest multiple of 32 that holds the largest variant, and the tensor form agrees."""
+    short_sides, max_size = (640, 672, 704, 736, 768, 800), 1333
+    rng = np.random.default_rng(0)
+    sizes = [(480, 640), (640, 480), (500, 500), (100, 2000), (2000, 100), (427, 640)]
+    sizes += [tuple(int(v) for v in rng.integers(50, 3000, 2)) for _ in range(40)]
+    for height, width in sizes:
+        pad_h, pad_w = preprocess.orientation_pad_shape(height, width, max(short_sides), max_size)
+        expected = (800, 1344) if width >= height else (1344, 800)
+        assert (pad_h, pad_w) == expected
+        resized = [preprocess.resized_shape(height, width, s, max_size) for s in short_sides]
+        assert all(int(h) <= pad_h and int(w) <= pad_w for h, w in resized)
+        tensor_pad = preprocess.orientation_pad_shape(
+            tf.constant(height), tf.constant(width), max(short_sides), max_size
+        )
+        assert tuple(int(v) for v in tensor_pad) == (pad_h, pad_w)
+    # The demo recipe: one short side, 256 / 352.
+    assert preprocess.orientation_pad_shape(259, 320, 256, 352) == (256, 352)
+    assert preprocess.orientation_pad_shape(320, 259, 256, 352) == (352, 256)
+    # A short side above the max size is capped by it.
+    assert preprocess.orientation_pad_shape(100, 200, 900, 352) == (352, 352)
+
+
+def test_a_batch_of_both_orientations_gives_each_example_its_own_pad(demo_examples):
+    """Under orientation_pad a batch of landscape and portrait images is split into one graph
+    call per pad; each example's targets equal those made for it alone, in input order."""
+    spec = target_spec_for("demo_cpu", "train")
+    assert spec.orientation_pad
+    maker = TargetMaker(spec)
+    examples = read_examples(demo_examples.uri, "train")[:12]
+    portrait = [
+        e.features.feature[features.IMAGE_HEIGHT].int64_list.value[0]
+        > e.features.feature[features.IMAGE_WIDTH].int64_list.value[0]
+        for e in examples
+    ]
+    assert any(portrait) and not all(portrait)
+    records = [e.SerializeToString() for e in examples]
+    batched = maker.add_targets_to_records(records)
+    for record, (with_targets, counts), is_portrait in zip(records, batched, portrait):
+        alone, alone_counts = maker.add_targets_to_record(record)
+        assert with_targets == alone and counts == alone_counts
+        pad = (
+            tf.train.Example.FromString(with_targets)
+            .features.feature[features.SOLO_PADDED_SIZE]
+            .int64_list.value
+        )
+        assert list(pad) == ([352, 256] if is_portrait else [256, 352])
+
+
+def test_training_batches_hold_one_orientation_each(target_artifact):
+    """`make_dataset` under demo_cpu's orientation_pad: every batch is one pad shape (landscape
+    256 x 352 or portrait 352 x 256), both come, and the masks match their images' pad."""
+    from models.train import make_dataset
+
+    config = get_experiment("demo_cpu")
+    assert config.train.orientation_pad
+    pattern = os.path.join(target_artifact.uri, "Split-train", "*")
+    dataset = make_dataset(pattern, config, 2, seed=0, shuffle_buffer=8)
+    assert dataset.element_spec["images"].shape.as_list() == [2, None, None, 3]
+    shapes = collections.Counter()
+    for batch in dataset.take(12):
+        images = batch["images"].numpy()
+        pad_height, pad_width = images.shape[1:3]
+        assert (pad_height, pad_width) in ((256, 352), (352, 256))
+        assert batch["instance_masks"].shape[2:] == (pad_height // 4, pad_width // 4)
+        assert batch["cell_class"].shape == (2, config.model.num_cells)
+        assert all(np.abs(image).sum() > 0 for image in images)
+        shapes[(pad_height, pad_width)] += 1
+    assert len(shapes) == 2, shapes
+
+
+def test_one_trace_of_the_train_step_takes_both_orientations(target_artifact):
+    """The trainer's step, traced once for the dataset's element spec (spatial dims None),
+    trains on landscape and portrait batches alike."""
+    from models.train import SOLOv2Trainer, make_dataset
+
+    config = get_experiment("demo_cpu")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=2))
+    trainer = SOLOv2Trainer(config, 10)
+    pattern = os.path.join(target_artifact.uri, "Split-train", "*")
+    dataset = trainer.distribute(
+        lambda ctx, batch: make_dataset(
+            pattern, config, batch, input_context=ctx, seed=0, shuffle_buffer=8
+        )
+    )
+    shapes = set()
+    for batch in itertools.islice(iter(dataset), 12):
+        shape = tuple(batch["images"].shape[1:3])
+        if shape in shapes:
+            continue
+        shapes.add(shape)
+        metrics = trainer.train_step(batch)
+        assert np.isfinite(float(metrics["total_loss"])) and float(metrics["total_loss"]) > 0
+        if len(shapes) == 2:
+            break
+    assert shapes == {(256, 352), (352, 256)}
+    assert trainer.traces == 1

@@ -53,10 +53,22 @@ class TargetSpec:
     sigma: float
     max_size: int
     variants: tuple[tuple[int, bool], ...]  # (short side, flip)
+    # Pad each image to its orientation's rectangle (`preprocess.orientation_pad_shape`)
+    # rather than the square `pad`: training targets under `TrainConfig.orientation_pad`.
+    orientation_pad: bool = False
 
     @property
     def pad(self) -> int:
+        """The square pad P (serving, evaluation, and training without `orientation_pad`)."""
         return preprocess.padded_size(self.max_size)
+
+    def pad_shape(self, height, width):
+        """(pad height, pad width) of the targets of a `height` x `width` image (Python ints,
+        or scalar tensors: see `preprocess.orientation_pad_shape`)."""
+        if not self.orientation_pad:
+            return self.pad, self.pad
+        short_side = max(side for side, _ in self.variants)
+        return preprocess.orientation_pad_shape(height, width, short_side, self.max_size)
 
     @classmethod
     def from_config(
@@ -69,12 +81,16 @@ class TargetSpec:
             flips = (False, True) if train.flip_prob > 0 else (False,)
             variants = tuple((side, flip) for side in train.train_short_sides for flip in flips)
             max_size = train.train_max_size
+            orientation_pad = train.orientation_pad
         else:
             variants = ((model.image_short_side, False),)
             max_size = model.image_max_size
+            orientation_pad = False
         if max_size != model.image_max_size:
             raise ValueError("train_max_size and image_max_size must agree (one static pad size)")
-        return cls(model.grids, model.scale_ranges, model.sigma, max_size, variants)
+        return cls(
+            model.grids, model.scale_ranges, model.sigma, max_size, variants, orientation_pad
+        )
 
     def to_json(self) -> dict:
         """Plain JSON values (lists for tuples); what the targets report records per split."""
@@ -271,6 +287,8 @@ class TargetMaker:
                 row_splits=splits,
                 col_starts=ints,
                 col_splits=splits,
+                padded_height=tf.TensorSpec([], tf.int32),
+                padded_width=tf.TensorSpec([], tf.int32),
             )
         return self._function
 
@@ -285,9 +303,12 @@ class TargetMaker:
         row_splits,
         col_starts,
         col_splits,
+        padded_height,
+        padded_width,
     ):
         """The target graph of a batch: B examples, K variants each, J = B * K jobs (example,
-        variant), example by example.
+        variant), example by example, all padded to `padded_height` x `padded_width` (int32
+        scalars).
 
         Args:
           records: `[B]` serialized examples (`_SOURCE_FEATURES` are read).
@@ -350,8 +371,8 @@ class TargetMaker:
             row_starts=tf.RaggedTensor.from_row_splits(row_starts, row_splits, validate=False),
             col_starts=tf.RaggedTensor.from_row_splits(col_starts, col_splits, validate=False),
             flip=flips,
-            padded_height=spec.pad,
-            padded_width=spec.pad,
+            padded_height=padded_height,
+            padded_width=padded_width,
             grids=spec.grids,
             scale_ranges=spec.scale_ranges,
             sigma=spec.sigma,
@@ -370,24 +391,40 @@ class TargetMaker:
     def add_targets_to_records(
         self, records: Sequence[bytes], variants: tuple[tuple[int, bool], ...] | None = None
     ) -> list[tuple[bytes, collections.Counter]]:
-        """`add_targets_to_record` of each record, in one graph call: a list, in input order."""
+        """`add_targets_to_record` of each record, in one graph call per pad shape (one call,
+        or two under `orientation_pad`: landscape and portrait): a list, in input order."""
         if not records:
             return []
         variants = tuple(variants or self.spec.variants)
-        rles, geometry = [], []  # geometry: one entry per job, record by record
-        for record in records:
+        sources, groups = [], {}  # groups: pad shape -> indices of its records
+        for index, record in enumerate(records):
             f = tf.train.Example.FromString(record).features.feature
             height = f[features.IMAGE_HEIGHT].int64_list.value[0]
             width = f[features.IMAGE_WIDTH].int64_list.value[0]
-            geometry += [
-                _variant_geometry(height, width, side, self.spec.max_size) for side, _ in variants
-            ]
             masks = f[features.OBJECT_MASK_RLE].bytes_list.value
             labels = f[features.OBJECT_CLASS].int64_list.value
             if len(masks) != len(labels):
                 raise ValueError(f"an example has {len(masks)} masks, {len(labels)} class labels")
+            sources.append((record, height, width, masks))
+            groups.setdefault(self.spec.pad_shape(height, width), []).append(index)
+        results = [None] * len(records)
+        for pad_shape, indices in groups.items():
+            group = self._add_targets_padded([sources[i] for i in indices], variants, pad_shape)
+            for index, result in zip(indices, group):
+                results[index] = result
+        return results
+
+    def _add_targets_padded(self, sources, variants, pad_shape) -> list:
+        """`add_targets_to_records` of `sources` ((record, height, width, mask RLEs) each) that
+        share `pad_shape`, in one graph call."""
+        rles, geometry = [], []  # geometry: one entry per job, record by record
+        for _, height, width, masks in sources:
+            geometry += [
+                _variant_geometry(height, width, side, self.spec.max_size) for side, _ in variants
+            ]
             rles += masks
         num_variants = len(variants)
+        records = [record for record, *_ in sources]
         # Whole records: a string tensor copies them (fast); re-serializing the few features the
         # graph reads would cost more. The masks go as runs (`rle_runs`).
         outputs = self._targets_fn()(
@@ -397,6 +434,7 @@ class TargetMaker:
             tf.constant([flip for _, flip in variants] * len(records), tf.bool),
             *_ragged_input([row_starts for _, _, row_starts, _ in geometry]),
             *_ragged_input([col_starts for *_, col_starts in geometry]),
+            *(tf.constant(size, tf.int32) for size in pad_shape),
         )
         # Views of the outputs (`.numpy()` would copy them): they are only read.
         cell_class, cell_instance, packed, packed_splits, packed_shape, counts = (
@@ -413,15 +451,17 @@ class TargetMaker:
                     for j in jobs
                 ],
             }
-            targets = self._targets_example(variants, [geometry[j] for j in jobs], tensors)
+            targets = self._targets_example(
+                variants, [geometry[j] for j in jobs], tensors, pad_shape
+            )
             canonical = collections.Counter(dict(zip(COUNT_NAMES, counts[jobs[0]].tolist())))
             results.append((record + targets, canonical))
         return results
 
-    def _targets_example(self, variants, geometry, tensors: dict) -> bytes:
+    def _targets_example(self, variants, geometry, tensors: dict, pad_shape) -> bytes:
         """One example's target features as a serialized Example: its K `variants`, their
-        `geometry` (`_variant_geometry` of each), and `tensors` (feature key -> K arrays, one
-        per variant) as `tf.io.serialize_tensor` bytes."""
+        `geometry` (`_variant_geometry` of each), `tensors` (feature key -> K arrays, one
+        per variant) as `tf.io.serialize_tensor` bytes, and its `pad_shape` (height, width)."""
         targets = tf.train.Example()
         g = targets.features.feature
         g[features.SOLO_VARIANT_SHORT_SIDE].int64_list.value.extend(side for side, _ in variants)
@@ -430,7 +470,7 @@ class TargetMaker:
         g[features.SOLO_VARIANT_RESIZED_WIDTH].int64_list.value.extend(w for _, w, *_ in geometry)
         for key, arrays in tensors.items():
             g[key].bytes_list.value.extend(_serialize_tensor(array) for array in arrays)
-        g[features.SOLO_PADDED_SIZE].int64_list.value.append(self.spec.pad)
+        g[features.SOLO_PADDED_SIZE].int64_list.value.extend(pad_shape)
         # Deterministic: features in key order (the default order of a map can vary from one
         # message to the next), so the same example always gets the same bytes.
         return targets.SerializeToString(deterministic=True)
@@ -495,17 +535,26 @@ _TRAINING_FEATURES = {
     features.SOLO_CELL_CLASS: tf.io.VarLenFeature(tf.string),
     features.SOLO_CELL_INSTANCE: tf.io.VarLenFeature(tf.string),
     features.SOLO_INSTANCE_MASKS: tf.io.VarLenFeature(tf.string),
+    features.SOLO_PADDED_SIZE: tf.io.FixedLenFeature([2], tf.int64),
 }
 
 
 def decode_training_example(
-    serialized: tf.Tensor, *, max_size: int, num_cells: int, random_variant: bool, seed=None
+    serialized: tf.Tensor,
+    *,
+    max_size: int,
+    num_cells: int,
+    random_variant: bool,
+    seed=None,
+    orientation_pad: bool = False,
 ) -> dict[str, tf.Tensor]:
     """One serialized SoloTargetGen example -> model input and targets (tf.data map function).
 
-    Returns `images` [P, P, 3] float32 (normalised, padded), `cell_class` [num_cells] int32,
-    `cell_instance` [num_cells] int32, `instance_masks` [N, P/4, P/4] uint8 (unpacked from the
-    stored form, see `docs/CONTRACT.md`), `image_id` int64.
+    Returns `images` [Ph, Pw, 3] float32 (normalised, padded), `cell_class` [num_cells] int32,
+    `cell_instance` [num_cells] int32, `instance_masks` [N, Ph/4, Pw/4] uint8 (unpacked from the
+    stored form, see `docs/CONTRACT.md`), `image_id` int64. The pad is the square
+    P = padded_size(max_size) (static), or with `orientation_pad` the example's recorded
+    `solo/padded_size` (its orientation rectangle; dynamic).
     With `random_variant`, one of the K variants is drawn uniformly; otherwise variant 0.
     """
     parsed = tf.io.parse_single_example(serialized, _TRAINING_FEATURES)
@@ -516,11 +565,25 @@ def decode_training_example(
     else:
         k = tf.constant(0)
     flip = tf.sparse.to_dense(parsed[features.SOLO_VARIANT_FLIP])[k] == 1
+    recorded_pad = tf.cast(parsed[features.SOLO_PADDED_SIZE], tf.int32)  # [2]
+    if orientation_pad:
+        pad_height, pad_width = tf.unstack(recorded_pad)
+    else:
+        pad_height = pad_width = preprocess.padded_size(max_size)
+        # Targets made for another pad would train the wrong cells without any other error.
+        tf.debugging.assert_equal(
+            recorded_pad,
+            pad_height,
+            message="the targets were made for another pad (orientation_pad on?)",
+        )
     image = preprocess.decode_image(parsed[features.IMAGE_ENCODED])
     images, _ = preprocess.preprocess_image(
-        image, short_side=tf.cast(short_sides[k], tf.int32), max_size=max_size, flip=flip
+        image,
+        short_side=tf.cast(short_sides[k], tf.int32),
+        max_size=max_size,
+        flip=flip,
+        pad_shape=(pad_height, pad_width),
     )
-    pad = preprocess.padded_size(max_size)
     cell_class = tf.io.parse_tensor(
         tf.sparse.to_dense(parsed[features.SOLO_CELL_CLASS])[k], tf.int32
     )
@@ -530,11 +593,12 @@ def decode_training_example(
     packed_masks = tf.io.parse_tensor(
         tf.sparse.to_dense(parsed[features.SOLO_INSTANCE_MASKS])[k], tf.uint8
     )
-    instance_masks = unpack_masks(packed_masks, pad // 4, pad // 4)
+    instance_masks = unpack_masks(packed_masks, pad_height // 4, pad_width // 4)
+    static = [None, None] if orientation_pad else [pad_height // 4, pad_width // 4]
     return {
         "images": images,
         "cell_class": tf.ensure_shape(cell_class, [num_cells]),
         "cell_instance": tf.ensure_shape(cell_instance, [num_cells]),
-        "instance_masks": tf.ensure_shape(instance_masks, [None, pad // 4, pad // 4]),
+        "instance_masks": tf.ensure_shape(instance_masks, [None, *static]),
         "image_id": parsed[features.IMAGE_ID],
     }
