@@ -178,7 +178,8 @@ def _geometry_report(images: list[dict], experiment: str, repeats: int, batch_si
 
     return {
         "experiment": experiment,
-        "padded_size": spec.pad,
+        "padded_size": spec.pad,  # the square; training targets use orientation pads if set
+        "orientation_pad": spec.orientation_pad,
         "recipe_variants": [list(v) for v in spec.variants],
         "batch_size": batch_size,
         **{f"{name}_ms": round(mean[name], 3) for name in sorted(names)},
