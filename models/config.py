@@ -359,11 +359,13 @@ def demo_cpu() -> ExperimentConfig:
     fell to 0.156 (docs/experiments.md, session 7).
 
     Why 192 images rather than 48: the 48 were memorised (AP 0.30 on them, 0.10 on val, demo
-    data 1.0). Why 22 epochs (1056 steps, decays at 17 and 21): the budget buys steps, and
+    data 1.0). Why 28 epochs (1344 steps, decays at 22 and 27): the budget buys steps, and
     from random init AP still rises steeply with them (on demo data 2.0, seed 0: 0.219 at
     864 steps, 0.390 at 1728). Cutting the Dice loss's positive buffer to the batch's
-    positives made a step 0.82x as long, and the time saved went into 1056 steps instead of
-    18 epochs' 864 (docs/experiments.md, session 9).
+    positives made a step 0.82x as long (session 9: 864 -> 1056 steps), and padding each
+    training image to its orientation's rectangle (256x352 or 352x256) instead of the
+    352x352 square made it 0.77x as long again (session 10: 1056 -> 1344 steps in the same
+    training time; docs/experiments.md).
     """
     return ExperimentConfig(
         ModelConfig(
@@ -382,8 +384,8 @@ def demo_cpu() -> ExperimentConfig:
             image_max_size=352,
         ),
         # A CPU recipe, not the official one (see the docstring): AdamW at 1e-3 for batch 4
-        # (base 0.004 per 16 images), decoupled weight decay 0.05, short warmup, 22 epochs of
-        # the 192-image demo set (1056 steps), decays at epochs 17 and 21, bfloat16 where the
+        # (base 0.004 per 16 images), decoupled weight decay 0.05, short warmup, 28 epochs of
+        # the 192-image demo set (1344 steps), decays at epochs 22 and 27, bfloat16 where the
         # CPU computes it natively.
         TrainConfig(
             batch_size=4,
@@ -391,8 +393,8 @@ def demo_cpu() -> ExperimentConfig:
             base_lr=0.004,
             weight_decay=0.05,
             warmup_iters=30,
-            epochs=22,
-            lr_steps=(17, 21),
+            epochs=28,
+            lr_steps=(22, 27),
             mixed_precision="auto",
             train_short_sides=(256,),
             train_max_size=352,
