@@ -665,7 +665,10 @@ def test_variants_of_an_image_equal_each_variant_alone():
     examples += [_random_example(rng, h, w, n) for h, w, n in ((97, 131, 9), (1, 500, 3))]
     records = [example.SerializeToString() for example in examples]
     variants = ((256, False), (256, True), (224, False), (288, True))
-    maker = TargetMaker(target_spec_for("demo_cpu", "train"))
+    # A multi-scale recipe: the orientation pad holds the largest short side (288 x 352).
+    maker = TargetMaker(
+        dataclasses.replace(target_spec_for("demo_cpu", "train"), variants=variants)
+    )
     together = maker.add_targets_to_records(records, variants)
     alone = [maker.add_targets_to_records(records, (variant,)) for variant in variants]
     keys = (
@@ -815,6 +818,9 @@ def test_a_batch_of_both_orientations_gives_each_example_its_own_pad(demo_exampl
             .int64_list.value
         )
         assert list(pad) == ([352, 256] if is_portrait else [256, 352])
+    # A variant larger than the spec's short sides would not fit the orientation pad.
+    with pytest.raises(ValueError, match="exceed the short sides"):
+        maker.add_targets_to_records(records[:1], ((288, False),))
 
 
 def test_training_batches_hold_one_orientation_each(target_artifact):

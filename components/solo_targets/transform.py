@@ -396,6 +396,11 @@ class TargetMaker:
         if not records:
             return []
         variants = tuple(variants or self.spec.variants)
+        if self.spec.orientation_pad and max(side for side, _ in variants) > max(
+            side for side, _ in self.spec.variants
+        ):
+            # The orientation pad holds the spec's largest short side, no larger one.
+            raise ValueError(f"variants {variants} exceed the short sides of {self.spec}")
         sources, groups = [], {}  # groups: pad shape -> indices of its records
         for index, record in enumerate(records):
             f = tf.train.Example.FromString(record).features.feature
