@@ -13,7 +13,7 @@ of padding. A fixed pad changes which grid cell a centre lands in only through
 `upsampled_size`, exactly as a larger image in the same official batch would.
 
 SoloTargetGen (masks), the training input pipeline (images) and both serving signatures call
-these functions; `tests/test_preprocess.py` checks the parity.
+these functions; `tests/test_solo_targets.py` checks the parity.
 """
 
 from __future__ import annotations
@@ -82,10 +82,12 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
     return (tf.cast(image, tf.float32) - PIXEL_MEAN) / PIXEL_STD
 
 
-def pad_to(tensor: tf.Tensor, size, width=None) -> tf.Tensor:
+def pad_to(tensor: tf.Tensor, pad_height, pad_width=None) -> tf.Tensor:
     """Zero-pads the two spatial dims ([H, W, C] or [N, H, W]) at the bottom/right to
-    `size` x `width` (default: the square `size` x `size`)."""
-    pad_height, pad_width = size, size if width is None else width
+    `pad_height` x `pad_width` (default: the square `pad_height` x `pad_height`); ints or scalar
+    tensors."""
+    if pad_width is None:
+        pad_width = pad_height
     if tensor.shape.rank == 3 and tensor.shape[-1] == 3:  # Image [H, W, 3].
         return tf.image.pad_to_bounding_box(tensor, 0, 0, pad_height, pad_width)
     height, width = tf.shape(tensor)[1], tf.shape(tensor)[2]
@@ -101,7 +103,8 @@ def preprocess_image(
 
     P = padded_size(max_size). `flip` (bool or scalar bool tensor) mirrors horizontally after the
     resize, before padding, as the official pipeline does. `pad_shape` (pad height, pad width;
-    ints or scalar tensors, e.g. `orientation_pad_shape`) pads to that rectangle instead.
+    ints or scalar tensors, e.g. `orientation_pad_shape`) pads to that rectangle instead: the
+    input is then [pad height, pad width, 3] (static where the pad is an int).
     """
     new_height, new_width = resized_shape(
         tf.shape(image)[0], tf.shape(image)[1], short_side, max_size
@@ -111,9 +114,7 @@ def preprocess_image(
         tf.convert_to_tensor(flip), lambda: tf.image.flip_left_right(resized), lambda: resized
     )
     if pad_shape is None:
-        size = padded_size(max_size)
-        padded = pad_to(normalize(resized), size)
-        return tf.ensure_shape(padded, [size, size, 3]), tf.stack([new_height, new_width])
+        pad_shape = (padded_size(max_size),) * 2
     padded = pad_to(normalize(resized), *pad_shape)
     static = [d if isinstance(d, int) else None for d in pad_shape]
     return tf.ensure_shape(padded, [*static, 3]), tf.stack([new_height, new_width])
