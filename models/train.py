@@ -318,22 +318,21 @@ def make_dataset(
     dataset = dataset.map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None
     )
-    if not config.train.orientation_pad:
+    if config.train.orientation_pad:
+        # One pad shape per batch: images wait in a window of their orientation until
+        # `batch_size` of them are there (mmdet's GroupSampler); a batch pads to their pad.
+        dataset = dataset.group_by_window(
+            key_func=lambda example: tf.cast(tf.shape(example["images"])[0], tf.int64),
+            reduce_func=lambda _, window: _padded_batch(
+                window, batch_size, config, max_instances, [None, None]
+            ),
+            window_size=batch_size,
+        )
+    else:
         # Static shapes but the instance count (unless `max_instances`): the train step is
         # traced once for this element spec.
         pad = preprocess.padded_size(max_size)
-        return _padded_batch(dataset, batch_size, config, max_instances, [pad, pad]).prefetch(
-            tf.data.AUTOTUNE
-        )
-    # One pad shape per batch: images wait in a window of their orientation until `batch_size`
-    # of them are there (mmdet's GroupSampler); a batch pads to its images' common pad.
-    dataset = dataset.group_by_window(
-        key_func=lambda example: tf.cast(tf.shape(example["images"])[0], tf.int64),
-        reduce_func=lambda _, window: _padded_batch(
-            window, batch_size, config, max_instances, [None, None]
-        ),
-        window_size=batch_size,
-    )
+        dataset = _padded_batch(dataset, batch_size, config, max_instances, [pad, pad])
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

@@ -62,13 +62,17 @@ class TargetSpec:
         """The square pad P (serving, evaluation, and training without `orientation_pad`)."""
         return preprocess.padded_size(self.max_size)
 
+    @property
+    def max_short_side(self) -> int:
+        """The largest short side of the variants: the orientation pad holds it."""
+        return max(side for side, _ in self.variants)
+
     def pad_shape(self, height, width):
         """(pad height, pad width) of the targets of a `height` x `width` image (Python ints,
         or scalar tensors: see `preprocess.orientation_pad_shape`)."""
         if not self.orientation_pad:
             return self.pad, self.pad
-        short_side = max(side for side, _ in self.variants)
-        return preprocess.orientation_pad_shape(height, width, short_side, self.max_size)
+        return preprocess.orientation_pad_shape(height, width, self.max_short_side, self.max_size)
 
     @classmethod
     def from_config(
@@ -396,8 +400,8 @@ class TargetMaker:
         if not records:
             return []
         variants = tuple(variants or self.spec.variants)
-        if self.spec.orientation_pad and max(side for side, _ in variants) > max(
-            side for side, _ in self.spec.variants
+        if self.spec.orientation_pad and max(side for side, _ in variants) > (
+            self.spec.max_short_side
         ):
             # The orientation pad holds the spec's largest short side, no larger one.
             raise ValueError(f"variants {variants} exceed the short sides of {self.spec}")
