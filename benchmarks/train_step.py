@@ -9,9 +9,10 @@ alike; input overhead = pipeline / cached - 1. Goal: <= 10%. In the same blocks,
 batch also goes through a second trainer whose loss keeps its positive buffer static
 (`max_positives` slots per image, as on TPU); the cached step above cuts it to the batch's
 positive count. And the cached batch padded to the square P x P (the training pad before
-`TrainConfig.orientation_pad`) goes through the first trainer: the cost of the square pad. On a
-CPU-only machine the input pipeline and the step share the same cores, which a GPU/TPU host
-does not.
+`TrainConfig.orientation_pad`) goes through the first trainer: the cost of the square pad. And a
+third trainer, the same model with the standard ResNet width (`backbone_width=64`), takes the
+cached batch: what the experiment's backbone width saves (`demo_cpu`'s is 32). On a CPU-only
+machine the input pipeline and the step share the same cores, which a GPU/TPU host does not.
 
     .venv/bin/python -m benchmarks.train_step [--experiment demo_cpu] [--batch-size 4]
         [--examples-dir DIR] [--blocks 3] [--steps 8]
@@ -31,7 +32,7 @@ import time
 
 import tensorflow as tf
 
-from models.config import get_experiment
+from models.config import STANDARD_BACKBONE_WIDTH, get_experiment
 from models.preprocess import padded_size
 from models.train import SOLOv2Trainer, make_dataset, resolve_mixed_precision
 
@@ -68,8 +69,14 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
     static = SOLOv2Trainer(
         config, total_steps=10_000, mixed_precision=precision, static_shapes=True
     )
+    # The same model with the standard ResNet width, for what a narrower backbone saves.
+    standard_config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, backbone_width=STANDARD_BACKBONE_WIDTH)
+    )
+    standard = SOLOv2Trainer(standard_config, total_steps=10_000, mixed_precision=precision)
     dataset = trainer.distribute(dataset_fn)
     static.distribute(dataset_fn)
+    standard.distribute(dataset_fn)
     iterator = iter(dataset)
     cached = next(iterator)
     # The same batch padded to the square P x P, as every image was before `orientation_pad`
@@ -86,13 +93,16 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
         trainer.train_step(cached)
         trainer.train_step(square)
         static.train_step(cached)
+        standard.train_step(cached)
 
     pipeline_times, cached_times, static_times, square_times = [], [], [], []
+    standard_times = []
     for _ in range(blocks):
         pipeline_times.append(_time_block(lambda: trainer.train_step(next(iterator)), steps))
         cached_times.append(_time_block(lambda: trainer.train_step(cached), steps))
         static_times.append(_time_block(lambda: static.train_step(cached), steps))
         square_times.append(_time_block(lambda: trainer.train_step(square), steps))
+        standard_times.append(_time_block(lambda: standard.train_step(cached), steps))
 
     # Input pipeline alone, on a fresh iterator (past its first batches, which only fill buffers).
     fresh = iter(dataset)
@@ -108,6 +118,7 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
     cached_step = statistics.median(cached_times)
     static_step = statistics.median(static_times)
     square_step = statistics.median(square_times)
+    standard_step = statistics.median(standard_times)
     return {
         "experiment": experiment,
         "batch_size": batch_size,
@@ -134,6 +145,9 @@ def run(experiment: str, batch_size: int, examples_dir: str | None, blocks: int,
         "cached_batch_pad": list(cached["images"].shape[1:3]),
         "cached_step_square_pad_s": round(square_step, 4),
         "square_over_orientation_pad": round(square_step / cached_step, 3),
+        "backbone_width": config.model.backbone_width,
+        "cached_step_standard_width_s": round(standard_step, 4),
+        "standard_width_over_experiment": round(standard_step / cached_step, 3),
     }
 
 

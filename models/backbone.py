@@ -28,6 +28,8 @@ import os
 import keras
 import numpy as np
 
+from models.config import STANDARD_BACKBONE_WIDTH
+
 # depth -> (residual block kind, blocks per stage)
 RESNET_SPECS = {
     18: ("basic", (2, 2, 2, 2)),
@@ -35,14 +37,18 @@ RESNET_SPECS = {
     50: ("bottleneck", (3, 4, 6, 3)),
     101: ("bottleneck", (3, 4, 23, 3)),
 }
-_STAGE_WIDTHS = (64, 128, 256, 512)
 _EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
-def resnet_out_channels(depth: int) -> tuple[int, ...]:
-    """Channels of C2..C5 for a ResNet depth: (64, 128, 256, 512) or 4x that for bottlenecks."""
+def _stage_widths(width: int) -> tuple[int, ...]:
+    return tuple(width * 2**stage for stage in range(4))
+
+
+def resnet_out_channels(depth: int, width: int = STANDARD_BACKBONE_WIDTH) -> tuple[int, ...]:
+    """Channels of C2..C5: (64, 128, 256, 512) for basic blocks at the standard width, 4x
+    that for bottlenecks; scaled by `width / 64`."""
     kind, _ = RESNET_SPECS[depth]
-    return tuple(width * _EXPANSION[kind] for width in _STAGE_WIDTHS)
+    return tuple(stage_width * _EXPANSION[kind] for stage_width in _stage_widths(width))
 
 
 def _conv(x, filters, kernel_size, stride, name):
@@ -99,17 +105,29 @@ def _bottleneck_block(x, width, stride, name):
 class ResNetBackbone(keras.Model):
     """ResNet feature extractor: images `[B, H, W, 3]` -> `[C2, C3, C4, C5]`.
 
-    C2..C5 have strides 4, 8, 16, 32 and `resnet_out_channels(depth)` channels.
+    C2..C5 have strides 4, 8, 16, 32 and `resnet_out_channels(depth, width)` channels.
 
     Args:
       depth: 18, 34, 50 or 101.
+      width: channels of the stem and stage 1 (each later stage doubles them). The standard
+        ResNet, and every ImageNet weights file, has 64; a narrower one (e.g. 32, a quarter
+        of the convolutions' cost) is not a torchvision ResNet and trains from scratch only.
       frozen_stages: -1 (nothing frozen), 0 (stem) or k in 1..4 (stem and stages 1..k).
       norm_eval: freeze every BatchNorm (inference mode, non-trainable).
     """
 
-    def __init__(self, depth: int = 50, frozen_stages: int = 1, norm_eval: bool = True, **kwargs):
+    def __init__(
+        self,
+        depth: int = 50,
+        frozen_stages: int = 1,
+        norm_eval: bool = True,
+        width: int = STANDARD_BACKBONE_WIDTH,
+        **kwargs,
+    ):
         if depth not in RESNET_SPECS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got {depth}")
+        if width < 1:
+            raise ValueError(f"ResNet width must be >= 1, got {width}")
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in [-1, 4], got {frozen_stages}")
         kwargs.setdefault("name", f"resnet{depth}")
@@ -117,21 +135,24 @@ class ResNetBackbone(keras.Model):
         block = _basic_block if kind == "basic" else _bottleneck_block
 
         images = keras.Input(shape=(None, None, 3), name="images")
-        x = _relu(_bn(_conv(images, 64, 7, 2, "conv1"), "bn1"), "relu")
+        x = _relu(_bn(_conv(images, width, 7, 2, "conv1"), "bn1"), "relu")
         x = keras.layers.ZeroPadding2D(1, name="maxpool.pad")(x)  # inputs >= 0 after ReLU
         x = keras.layers.MaxPooling2D(3, strides=2, name="maxpool")(x)
         features = []
-        for stage, (width, num_blocks) in enumerate(zip(_STAGE_WIDTHS, blocks_per_stage)):
+        for stage, (stage_width, num_blocks) in enumerate(
+            zip(_stage_widths(width), blocks_per_stage)
+        ):
             for index in range(num_blocks):
                 stride = 2 if index == 0 and stage > 0 else 1
-                x = block(x, width, stride, f"layer{stage + 1}.{index}")
+                x = block(x, stage_width, stride, f"layer{stage + 1}.{index}")
             features.append(x)
         super().__init__(inputs=images, outputs=features, **kwargs)
 
         self.depth = depth
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.out_channels = resnet_out_channels(depth)
+        self.width = width
+        self.out_channels = resnet_out_channels(depth, width)
         self._freeze()
 
     def _freeze(self):
@@ -150,6 +171,7 @@ class ResNetBackbone(keras.Model):
             "depth": self.depth,
             "frozen_stages": self.frozen_stages,
             "norm_eval": self.norm_eval,
+            "width": self.width,
         }
 
     @classmethod

@@ -77,6 +77,7 @@ def build_model(config: ModelConfig) -> SOLOv2:
         depth=config.backbone_depth,
         frozen_stages=config.frozen_stages,
         norm_eval=config.norm_eval,
+        width=config.backbone_width,
         name="backbone",
     )
     if config.backbone_weights:

@@ -110,6 +110,7 @@ def test_demo_cpu_departs_only_where_documented():
     }
     assert changed == {
         "backbone",
+        "backbone_width",
         "fpn_channels",
         "head_convs",
         "head_channels",
@@ -124,6 +125,8 @@ def test_demo_cpu_departs_only_where_documented():
         "image_max_size",
     }
     assert (demo.model.backbone, demo.model.num_classes) == ("resnet18", 5)
+    # Half torchvision's width: the demo trains from scratch; every official config keeps 64.
+    assert (demo.model.backbone_width, official.model.backbone_width) == (32, 64)
     assert (demo.model.frozen_stages, demo.model.norm_eval) == (-1, False)
     assert (demo.model.fpn_channels, demo.model.head_convs, demo.model.head_channels) == (64, 2, 64)
     assert (demo.model.kernel_channels, demo.model.mask_mid_channels) == (32, 32)
@@ -175,6 +178,8 @@ def test_learning_rate_scales_linearly_with_batch():
         ({"max_detections": 600}, "max_detections"),
         ({"image_short_side": 1400}, "image_short_side"),
         ({"frozen_stages": 5}, "frozen_stages"),
+        ({"backbone_width": 0}, "backbone_width"),
+        ({"backbone_width": 32, "backbone_weights": "r18.npz"}, "need backbone_width 64"),
     ],
 )
 def test_model_validate_rejects(changes, message):

@@ -142,6 +142,24 @@ def test_backbone_returns_c2_to_c5(depth):
     ]
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_narrow_backbone_scales_every_stage(depth):
+    """width=32 halves every conv's channels: C2..C5 halve and the parameters fall ~4x."""
+    narrow, standard = ResNetBackbone(depth, width=32), ResNetBackbone(depth)
+    features = narrow(tf.constant(_normal(1, 64, 96, 3)))
+    assert narrow.out_channels == resnet_out_channels(depth, 32)
+    assert [f.shape[-1] for f in features] == [c // 2 for c in resnet_out_channels(depth)]
+    conv_params = [
+        sum(int(np.prod(w.shape)) for w in model.weights if w.path.endswith("/kernel"))
+        for model in (narrow, standard)
+    ]
+    # Every conv has 1/4 the weights, except the stem's (3 input channels): 1/2.
+    stem = 7 * 7 * 3 * 32
+    assert conv_params[0] - stem == (conv_params[1] - 2 * stem) // 4
+    clone = ResNetBackbone.from_config(narrow.get_config())
+    assert clone.width == 32 and clone.count_params() == narrow.count_params()
+
+
 def test_frozen_stem_stage1_and_batchnorm_have_no_trainable_weights():
     backbone = ResNetBackbone(18, frozen_stages=1, norm_eval=True)
     trainable = {w.path for w in backbone.trainable_weights}
@@ -225,6 +243,13 @@ def test_load_torchvision_npz(tmp_path):
     load_backbone_weights(target, path)
     images = tf.constant(_normal(1, 32, 32, 3))
     np.testing.assert_array_equal(source(images)[3].numpy(), target(images)[3].numpy())
+
+
+def test_narrow_backbone_refuses_standard_weights(tmp_path):
+    path = str(tmp_path / "r18.npz")
+    np.savez(path, **_torchvision_state(ResNetBackbone(18)))
+    with pytest.raises(ValueError, match="conv1.weight: shape"):
+        load_backbone_weights(ResNetBackbone(18, width=32), path)
 
 
 def test_load_torchvision_npz_rejects_a_mismatched_depth(tmp_path):
@@ -521,7 +546,10 @@ def test_every_named_experiment_builds_the_model_it_describes(name):
     config = get_experiment(name).model
     model = build_model(config)
     head, mask_head = model.instance_head, model.mask_feature_head
-    assert model.backbone.depth == config.backbone_depth
+    assert (model.backbone.depth, model.backbone.width) == (
+        config.backbone_depth,
+        config.backbone_width,
+    )
     assert model.fpn.channels == config.fpn_channels
     assert (head.num_classes, head.grids, head.num_convs) == (
         config.num_classes,
@@ -557,7 +585,8 @@ def test_every_named_experiment_builds_the_model_it_describes(name):
 
 def test_build_model_loads_local_backbone_weights(tmp_path):
     """`backbone_weights` is read from a local file; a missing file is an error, not a download."""
-    config = get_experiment("demo_cpu").model
+    # ImageNet weights are torchvision's standard width; demo_cpu's own backbone is narrower.
+    config = dataclasses.replace(get_experiment("demo_cpu").model, backbone_width=64)
     source = ResNetBackbone(config.backbone_depth, name="backbone")
     for layer in source.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
