@@ -109,11 +109,11 @@ class ResNetBackbone(keras.Model):
 
     Args:
       depth: 18, 34, 50 or 101.
+      frozen_stages: -1 (nothing frozen), 0 (stem) or k in 1..4 (stem and stages 1..k).
+      norm_eval: freeze every BatchNorm (inference mode, non-trainable).
       width: channels of the stem and stage 1 (each later stage doubles them). The standard
         ResNet, and every ImageNet weights file, has 64; a narrower one (e.g. 32, a quarter
         of the convolutions' cost) is not a torchvision ResNet and trains from scratch only.
-      frozen_stages: -1 (nothing frozen), 0 (stem) or k in 1..4 (stem and stages 1..k).
-      norm_eval: freeze every BatchNorm (inference mode, non-trainable).
     """
 
     def __init__(
