@@ -104,7 +104,7 @@ def preprocess_image(
     P = padded_size(max_size). `flip` (bool or scalar bool tensor) mirrors horizontally after the
     resize, before padding, as the official pipeline does. `pad_shape` (pad height, pad width;
     ints or scalar tensors, e.g. `orientation_pad_shape`) pads to that rectangle instead: the
-    input is then [pad height, pad width, 3] (static where the pad is an int).
+    model input is then [pad height, pad width, 3] (static where the pad is an int).
     """
     new_height, new_width = resized_shape(
         tf.shape(image)[0], tf.shape(image)[1], short_side, max_size
