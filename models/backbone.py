@@ -4,7 +4,9 @@ Matches mmdetection v1's `ResNet(style='pytorch')` used by the official SOLOv2:
   * stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool; PyTorch's symmetric padding is reproduced with
     explicit `ZeroPadding2D` + "valid" convs (Keras "same" pads stride-2 convs asymmetrically);
   * ResNet-50/101 bottlenecks put the stride on the 3x3 conv ("pytorch" style);
-  * BatchNorm epsilon 1e-5, conv init kaiming-normal (fan_out), no bias in convs.
+  * BatchNorm epsilon 1e-5, conv init kaiming-normal (fan_out), no bias in convs. BatchNorm is
+    TensorFlow's fused kernel (`ops.FusedBatchNormalization`), whose moving variance takes
+    the unbiased batch variance, as PyTorch's does.
 Layer names are torchvision's module names (`conv1`, `bn1`, `layer2.0.downsample.0`, ...), which
 is what `load_backbone_weights` relies on for `.npz` files.
 
@@ -28,6 +30,7 @@ import os
 import keras
 import numpy as np
 
+from models import ops
 from models.config import STANDARD_BACKBONE_WIDTH
 
 # depth -> (residual block kind, blocks per stage)
@@ -72,7 +75,7 @@ def _conv(x, filters, kernel_size, stride, name):
 
 def _bn(x, name):
     # PyTorch BatchNorm2d: eps 1e-5, momentum 0.1 (= Keras momentum 0.9).
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name)(x)
+    return ops.FusedBatchNormalization(epsilon=1e-5, momentum=0.9, name=name)(x)
 
 
 def _relu(x, name):

@@ -119,6 +119,131 @@ def test_conv_norm_relu():
     )
 
 
+# normalization ------------------------------------------------------------------------------
+
+
+def _numpy_group_norm(x, groups, gamma, beta, epsilon=1e-5):
+    """Group norm in float64, straight from the definition."""
+    b, h, w, c = x.shape
+    grouped = x.reshape(b, h, w, groups, c // groups).astype("float64")
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    variance = grouped.var(axis=(1, 2, 4), keepdims=True)
+    return ((grouped - mean) / np.sqrt(variance + epsilon)).reshape(x.shape) * gamma + beta
+
+
+def _output_and_gradients(layer, x, **call_kwargs):
+    """Output and d/d[x, gamma, beta] of a loss that weights every output element differently."""
+    x = tf.constant(x)
+    weights = tf.constant(np.linspace(-1, 1, x.shape.num_elements()).reshape(x.shape), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, **call_kwargs)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+    return [t.numpy() for t in (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))]
+
+
+@pytest.mark.parametrize("channels, groups", [(8, 8), (8, 4), (12, 3), (16, 1)])
+def test_group_norm_matches_the_definition_and_keras_gradients(channels, groups):
+    x = _normal(2, 5, 7, channels) * 3 + 2
+    gamma, beta = _normal(channels) + 1, _normal(channels)
+    layer = ops.GroupNormalization(groups=groups, epsilon=1e-5)
+    reference = keras.layers.GroupNormalization(groups=groups, epsilon=1e-5)
+    for norm in (layer, reference):
+        norm.build(x.shape)
+        norm.set_weights([gamma, beta])
+    ours, theirs = _output_and_gradients(layer, x), _output_and_gradients(reference, x)
+    np.testing.assert_allclose(ours[0], _numpy_group_norm(x, groups, gamma, beta), atol=2e-5)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    assert [w.name for w in layer.weights] == [w.name for w in reference.weights]
+
+
+def test_group_norm_with_unknown_spatial_size_and_bfloat16():
+    layer = ops.GroupNormalization(groups=4, epsilon=1e-5)
+    layer.build((None, None, None, 8))
+    traced = tf.function(layer, input_signature=[tf.TensorSpec([None, None, None, 8])])
+    x = _normal(3, 6, 4, 8) + 5  # a mean far from 0: the two-pass variance stays exact
+    np.testing.assert_allclose(traced(x), _numpy_group_norm(x, 4, 1.0, 0.0), atol=2e-5)
+    mixed = ops.GroupNormalization(groups=4, epsilon=1e-5, dtype="mixed_bfloat16")
+    out = mixed(x)
+    assert out.dtype == tf.bfloat16 and mixed.gamma.dtype == "float32"
+    np.testing.assert_allclose(tf.cast(out, tf.float32), _numpy_group_norm(x, 4, 1, 0), atol=0.05)
+
+
+def test_group_norm_round_trip_and_keras_fallback():
+    layer = ops.GroupNormalization(groups=2, epsilon=1e-3, name="gn")
+    _assert_round_trip(layer, tf.constant(_normal(2, 3, 3, 4)))
+    # Not 4-D: Keras's own computation.
+    flat = ops.GroupNormalization(groups=2)
+    reference = keras.layers.GroupNormalization(groups=2)
+    x = _normal(3, 6)
+    np.testing.assert_allclose(flat(x), reference(x), atol=1e-6)
+
+
+def _numpy_batch_norm(x, mean, variance, gamma, beta, epsilon=1e-5):
+    return (x.astype("float64") - mean) / np.sqrt(variance + epsilon) * gamma + beta
+
+
+def test_fused_batch_norm_training_matches_the_definition_and_keras_gradients():
+    x = _normal(2, 5, 7, 6) * 3 + 2
+    gamma, beta = _normal(6) + 1, _normal(6)
+    moving_mean, moving_variance = _normal(6), np.abs(_normal(6)) + 0.5
+    layer = ops.FusedBatchNormalization(epsilon=1e-5, momentum=0.9)
+    reference = keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)
+    for norm in (layer, reference):
+        norm.build(x.shape)
+        norm.set_weights([gamma, beta, moving_mean, moving_variance])
+    ours = _output_and_gradients(layer, x, training=True)
+    theirs = _output_and_gradients(reference, x, training=True)
+    batch_mean, batch_variance = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    expected = _numpy_batch_norm(x, batch_mean, batch_variance, gamma, beta)
+    np.testing.assert_allclose(ours[0], expected, atol=2e-5)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    # Moving statistics: momentum 0.9, and the unbiased batch variance (PyTorch's BatchNorm2d).
+    np.testing.assert_allclose(layer.moving_mean, 0.9 * moving_mean + 0.1 * batch_mean, rtol=1e-5)
+    unbiased = x.var(axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(
+        layer.moving_variance, 0.9 * moving_variance + 0.1 * unbiased, rtol=1e-5
+    )
+
+
+def test_fused_batch_norm_inference_and_frozen_use_the_moving_statistics():
+    x = _normal(2, 4, 4, 3)
+    weights = [_normal(3) + 1, _normal(3), _normal(3), np.abs(_normal(3)) + 0.5]
+    layer = ops.FusedBatchNormalization(epsilon=1e-5)
+    layer.build(x.shape)
+    layer.set_weights(weights)
+    expected = _numpy_batch_norm(x, weights[2], weights[3], weights[0], weights[1])
+    np.testing.assert_allclose(layer(x, training=False), expected, atol=2e-5)
+    layer.trainable = False  # norm_eval: inference mode even when training
+    np.testing.assert_allclose(layer(x, training=True), expected, atol=2e-5)
+    for before, after in zip(weights, layer.get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_fused_batch_norm_mixed_precision_round_trip_and_keras_fallback():
+    layer = ops.FusedBatchNormalization(dtype="mixed_bfloat16", name="bn")
+    x = tf.constant(_normal(2, 4, 4, 3))
+    out = layer(x, training=True)
+    assert out.dtype == tf.bfloat16 and layer.moving_mean.dtype == "float32"
+    x_np = x.numpy()
+    expected = _numpy_batch_norm(x_np, x_np.mean(axis=(0, 1, 2)), x_np.var(axis=(0, 1, 2)), 1, 0)
+    np.testing.assert_allclose(tf.cast(out, tf.float32), expected, atol=0.05)
+    _assert_round_trip(ops.FusedBatchNormalization(momentum=0.5, name="bn"), x)
+    flat = ops.FusedBatchNormalization()
+    reference = keras.layers.BatchNormalization()
+    np.testing.assert_allclose(flat(x[:, 0, 0]), reference(x[:, 0, 0]), atol=1e-6)
+
+
+def test_backbone_normalizes_with_the_fused_batch_norm():
+    backbone = ResNetBackbone(18)
+    norms = [
+        layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    assert len(norms) == 20 and all(isinstance(n, ops.FusedBatchNormalization) for n in norms)
+
+
 # backbone ----------------------------------------------------------------------------------
 
 

@@ -478,7 +478,10 @@ def test_killed_run_fn_resumes_from_checkpoint(examples_dir, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Learning: overfit four demo images, then detect through the exported SavedModel
 
-OVERFIT_STEPS = 200
+# From random init the category loss sits on a plateau for a while, and how long is chaotic: at
+# 200 steps the final loss ended above 1.0 for one or two of seeds 1-4, whichever
+# normalization kernels ran (Keras's or `models.ops`'s); 300 steps leave room.
+OVERFIT_STEPS = 300
 MIN_MEDIUM_LARGE_IOU = 0.5
 MIN_ALL_IOU = 0.3
 
@@ -508,7 +511,7 @@ def best_match_ious(examples, outputs) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.slow
 def test_overfits_four_demo_images(examples_dir, tmp_path):
     # Official recipe semantics (SGD 0.9, coupled wd, warmup, step decay at epoch 11/12, clip
-    # 35); lr 0.02 at batch 4 and 30 warmup steps so a random-init model fits in 200 steps.
+    # 35); lr 0.02 at batch 4 and 30 warmup steps so a random-init model fits in 300 steps.
     config = train_utils.tiny_config(base_lr=0.08, warmup_iters=30, flip_prob=0.0)
     result = train_lib.train(
         config,
