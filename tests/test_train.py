@@ -228,25 +228,33 @@ MIRRORED_SCRIPT = textwrap.dedent(
     dist = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices(batch).batch(4))
     dist_batch = next(iter(dist))
-    steps = []
+
+    def update_differences():
+        # Compare the updates, not the weights: two float32 reductions in different orders
+        # differ by ~1e-6 per gradient element, which is large next to a tiny weight but not
+        # next to its update. A gradient summed twice (Keras on top of our all-reduce) would
+        # give a ratio of 1.
+        diffs, frozen_moved = [], 0.0
+        for w0, a, b in zip(initial, single.model.get_weights(), multi.model.get_weights()):
+            update_norm = float(np.linalg.norm(a - w0))
+            if update_norm == 0.0:
+                frozen_moved = max(frozen_moved, float(np.abs(b - w0).max()))
+            else:
+                diffs.append(float(np.linalg.norm((b - w0) - (a - w0))) / update_norm)
+        return diffs, frozen_moved
+
+    steps, update_diffs, frozen_moved = [], [], 0.0
     for _ in range(2):
         a, b = single.train_step(batch), multi.train_step(dist_batch)
         steps.append({k: [float(a[k]), float(b[k])] for k in a})
-    # Compare the updates, not the weights: two float32 reductions in different orders differ
-    # by ~1e-6 per gradient element, which is large next to a tiny weight but not next to its
-    # update. A gradient summed twice (Keras on top of our all-reduce) would give a ratio of 1.
-    update_diffs, frozen_moved = [], 0.0
-    for w0, a, b in zip(initial, single.model.get_weights(), multi.model.get_weights()):
-        update_norm = float(np.linalg.norm(a - w0))
-        if update_norm == 0.0:
-            frozen_moved = max(frozen_moved, float(np.abs(b - w0).max()))
-        else:
-            update_diffs.append(float(np.linalg.norm((b - w0) - (a - w0))) / update_norm)
+        diffs, moved = update_differences()
+        update_diffs.append(diffs)
+        frozen_moved = max(frozen_moved, moved)
     print(json.dumps({
         "replicas": strategy.num_replicas_in_sync,
         "steps": steps,
-        "max_relative_update_diff": max(update_diffs),
-        "median_relative_update_diff": float(np.median(update_diffs)),
+        "max_relative_update_diff": [max(d) for d in update_diffs],
+        "median_relative_update_diff": [float(np.median(d)) for d in update_diffs],
         "frozen_weights_moved": frozen_moved,
         "iterations": [int(t.optimizer.iterations.numpy()) for t in (single, multi)],
     }))
@@ -276,11 +284,14 @@ def test_mirrored_two_replicas_match_single_device(examples_dir):
             tight = index == 0 and key != "grad_norm"
             assert multi == pytest.approx(single, rel=1e-5 if tight else 1e-4), (key, step)
     # Gradients are summed once (not once more by Keras) and clipped on the global gradient.
-    # Measured: median ~5e-7; max 1e-4 to 1.2e-3 from run to run (backbone kernels, whose
-    # gradients cross the most float32 reductions). Both bounds stay far below the 1.0 of a
-    # doubled gradient or the 0.5 of a missing replica.
-    assert report["median_relative_update_diff"] < 1e-4
-    assert report["max_relative_update_diff"] < 1e-2
+    # After step 1 (the same weights in both) only the order of float32 reductions differs.
+    # Step 2 starts from weights that differ by that noise, and its gradient (norm ~10x step
+    # 1's, clipped) amplifies it for a few weights: max 6e-6 to 1.6e-2 from run to run, median
+    # ~1e-6. Every bound stays far below the 1.0 of a doubled gradient or the 0.5 of a missing
+    # replica.
+    first, second = report["max_relative_update_diff"]
+    assert first < 1e-3 and second < 1e-1
+    assert max(report["median_relative_update_diff"]) < 1e-4
     assert report["frozen_weights_moved"] == 0.0
     assert report["iterations"] == [2, 2]
 
