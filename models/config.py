@@ -389,12 +389,12 @@ def demo_cpu() -> ExperimentConfig:
 
     Why 15 epochs of the 768-image demo set (2880 steps, decays at epochs 12 and 14): with
     that many steps the 192-image set of sessions 6-12 (58 epochs) was memorised: mask AP
-    0.71 on its own training images, 0.34 on val, where the model's classes were perfect on
-    the training images and wrong for 140 of the 400 best val detections. In the same 2784
-    steps, 384 images gave val AP 0.477 / 0.456, 768 images 0.471 / 0.519 (seeds 0 / 1) and
-    1536 images 0.424 (seed 0; underfit), against 0.342 / 0.330 with 192 (session 13,
-    docs/experiments.md). The epochs count passes over the demo set, so on another set the
-    same recipe is another number of steps.
+    0.71 on its own training images, where the classes cost nothing (class-agnostic AP also
+    0.71), and 0.34 on val, where 140 of the 400 best detections had the wrong class. In
+    the same 2784 steps, 384 images gave val AP 0.477 / 0.456, 768 images 0.471 / 0.519
+    (seeds 0 / 1) and 1536 images 0.424 (seed 0; underfit), against 0.342 / 0.330 with 192
+    (session 13, docs/experiments.md). The epochs count passes over the demo set, so on
+    another set the same recipe is another number of steps.
     """
     return ExperimentConfig(
         ModelConfig(
