@@ -98,7 +98,9 @@ def _variants(example) -> list[tuple[int, int]]:
 
 def test_component_writes_every_split_with_its_variants(demo_examples, target_artifact):
     assert json.loads(target_artifact.split_names) == ["train", "eval"]
-    for split, expected_variants in (("train", [(256, 0), (256, 1)]), ("eval", [(256, 0)])):
+    # demo_cpu trains at 224, 240 and 256, each unflipped and flipped; eval at 256.
+    train_variants = [(side, flip) for side in (224, 240, 256) for flip in (0, 1)]
+    for split, expected_variants in (("train", train_variants), ("eval", [(256, 0)])):
         originals = read_examples(demo_examples.uri, split)
         written = read_examples(target_artifact.uri, split)
         assert len(written) == len(originals)
@@ -235,7 +237,8 @@ def _check_direct_computation(spec, maker, example, orientation_pad):
     assert list(with_targets.features.feature[features.SOLO_PADDED_SIZE].int64_list.value) == [
         *pad_shape
     ]
-    new_h, new_w = (int(v) for v in preprocess.resized_shape(height, width, 256, 352))
+    short_side = spec.variants[0][0]  # variant 0: unflipped, the first training scale
+    new_h, new_w = (int(v) for v in preprocess.resized_shape(height, width, short_side, 352))
     resized = tf.image.resize(masks[..., None], [new_h, new_w], method="nearest")[..., 0]
     padded = np.zeros((len(masks), *pad_shape), np.uint8)
     padded[:, :new_h, :new_w] = resized.numpy()
@@ -329,14 +332,16 @@ def test_training_decoder_draws_every_variant_and_matches_geometry(target_artifa
     decode = functools.partial(
         decode_training_example, max_size=352, num_cells=3872, orientation_pad=True
     )
+    num_variants = len(_variants(example))  # demo_cpu: 3 scales x {plain, flipped}
     seen = set()
-    for seed in range(12):
+    for seed in range(8 * num_variants):
         decoded = decode(record, random_variant=True, seed=seed)
         # The flipped image is the mirror of the plain one inside the resized region.
         seen.add(decoded["images"].numpy().tobytes())
         assert decoded["images"].shape == (pad_height, pad_width, 3)
         assert decoded["instance_masks"].shape[1:] == (pad_height // 4, pad_width // 4)
-    assert len(seen) == 2  # Both variants are drawn.
+    assert num_variants == 6
+    assert len(seen) == num_variants  # Every variant is drawn.
     plain = decode(record, random_variant=False)
     # Decoding them as square-pad targets is refused: they would train the wrong cells.
     with pytest.raises(tf.errors.InvalidArgumentError, match="another pad"):
