@@ -402,7 +402,7 @@ def demo_cpu() -> ExperimentConfig:
     Why multi-scale training (`DEMO_SHORT_SIDES`, shorter side 224, 240 or 256 per image, as
     the official 3x recipe draws 640..800 for an 800 test scale): more kinds of training
     image for the same steps, at no cost per step (SoloTargetGen makes 6 target variants per
-    image instead of 2, about 13 s more in `make run`). Seeds 0 / 1 at 2880 steps: mask AP
+    image instead of 2, 6-13 s more in `make run`). Seeds 0 / 1 at 2880 steps: mask AP
     0.550 / 0.553 against 0.451 / 0.533 at the single scale (session 13, docs/experiments.md).
     """
     return ExperimentConfig(
